@@ -1,0 +1,122 @@
+"""The architecture step of DARTS' bilevel optimisation (SPEC §2).
+
+First order:  ``∇α L_val(w, α)``.
+Second order: with the virtual step ``w' = w − ξ (μ·m + ∇w L_train(w, α) + λ·w)``
+(ξ the weights' current learning rate, μ their momentum, m the SGD momentum
+buffer, λ their weight decay: exactly the SGD step the weights are about to
+take, without clipping),
+
+    ∇α L_val(w', α) − ξ · (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε),
+    w± = w ± ε·∇w' L_val(w', α),   ε = 0.01 / ‖∇w' L_val(w', α)‖.
+
+The original code builds a new network for w' on every step. Here the
+weights are swapped in place and restored bit for bit from a saved copy, so
+there is no model construction and no drift. The extra forward passes also
+leave BatchNorm running statistics as they were: they are evaluated at
+weights the network never takes, and only the weight step should move them.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+
+class SearchModel(Protocol):
+    def arch_parameters(self) -> list[nn.Parameter]: ...
+    def weight_parameters(self) -> list[nn.Parameter]: ...
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def buffers(self): ...
+
+
+def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients with zeros for parameters the loss does not reach (e.g. the
+    reduction α of a network without reduction cells)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+class Architect:
+    """Adam on α, first or second order.
+
+    Args:
+        model: a ``SearchNetwork`` (anything with ``arch_parameters``,
+            ``weight_parameters`` and ``loss``).
+        weight_optimizer: the SGD optimiser of the weights; the second-order
+            step reads its learning rate, momentum, weight decay and momentum
+            buffers, so it always unrolls the step the weights really take.
+        order: ``"first"`` or ``"second"``.
+    """
+
+    def __init__(self, model: SearchModel, weight_optimizer: torch.optim.SGD, order: str = "second",
+                 lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3):
+        if order not in ("first", "second"):
+            raise ValueError(f"order must be 'first' or 'second', got {order!r}")
+        self.model = model
+        self.weight_optimizer = weight_optimizer
+        self.order = order
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def step(self, x_train, y_train, x_val, y_val) -> torch.Tensor:
+        """One Adam step on α; returns the validation loss (detached)."""
+        grads, val_loss = self.arch_gradients(x_train, y_train, x_val, y_val)
+        for alpha, g in zip(self.model.arch_parameters(), grads):
+            alpha.grad = g
+        self.optimizer.step()
+        return val_loss
+
+    def arch_gradients(self, x_train, y_train, x_val, y_val) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The architecture gradient of this step and the validation loss,
+        leaving weights, α and BN statistics unchanged."""
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            if self.order == "first":
+                loss = self.model.loss(x_val, y_val)
+                return _grads(loss, self.model.arch_parameters()), loss.detach()
+            return self._second_order(x_train, y_train, x_val, y_val)
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+
+    @torch.no_grad()
+    def _virtual_step(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """w ← w − ξ (μ·m + g + λ·w), in place."""
+        group = self.weight_optimizer.param_groups[0]
+        xi, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
+        for w, g in zip(weights, grads):
+            direction = g + lam * w
+            buf = self.weight_optimizer.state.get(w, {}).get("momentum_buffer")
+            if buf is not None:
+                direction.add_(buf, alpha=mu)
+            w.sub_(direction, alpha=xi)
+
+    def _second_order(self, x_train, y_train, x_val, y_val):
+        model = self.model
+        alphas, weights = model.arch_parameters(), model.weight_parameters()
+        xi = self.weight_optimizer.param_groups[0]["lr"]
+        saved = [w.detach().clone() for w in weights]
+        try:
+            # w' = one virtual SGD step on the train batch.
+            self._virtual_step(weights, _grads(model.loss(x_train, y_train), weights))
+            val_loss = model.loss(x_val, y_val)
+            grads = _grads(val_loss, alphas + weights)
+            d_alpha, v = grads[: len(alphas)], grads[len(alphas):]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v]))
+            if norm == 0:
+                return d_alpha, val_loss.detach()
+            eps = 0.01 / norm
+
+            def train_alpha_grad(sign: float) -> list[torch.Tensor]:
+                with torch.no_grad():
+                    torch._foreach_copy_(weights, saved)
+                    torch._foreach_add_(weights, torch._foreach_mul(v, sign * eps))
+                return _grads(model.loss(x_train, y_train), alphas)
+
+            g_plus, g_minus = train_alpha_grad(+1.0), train_alpha_grad(-1.0)
+            d_alpha = [d - xi * (gp - gm) / (2 * eps) for d, gp, gm in zip(d_alpha, g_plus, g_minus)]
+            return d_alpha, val_loss.detach()
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(weights, saved)

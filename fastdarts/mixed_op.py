@@ -1,0 +1,101 @@
+"""The mixed operation of a supernet edge and its interchangeable backends.
+
+``MixedOp`` owns one module per candidate op; *how* ``Σ_k w_k·op_k(x)`` is
+evaluated is a backend, chosen by name:
+
+- ``reference``: exactly the original DARTS code, every op's activations kept
+  for backward. The executable spec every other backend is tested against.
+- ``checkpoint``: ``torch.utils.checkpoint`` around the whole mixed op, the
+  memory saver a user would try first. Its recompute runs the ops again, so
+  BatchNorm would update its running statistics twice; we switch tracking off
+  for the recompute (fairscale's ``patch_batchnorm`` idea), keeping the
+  statistics identical to ``reference``.
+
+A backend is a function ``(mixed_op, x, weights) -> y``; later backends (the
+fused kernels) register themselves in ``MIXED_OP_BACKENDS``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import FastDartsError
+from .ops import OPS
+
+
+class MixedOp(nn.Module):
+    """One supernet edge: every candidate op, mixed by the softmax weights."""
+
+    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = "reference"):
+        super().__init__()
+        self.op_names = tuple(op_names)
+        self.stride = stride
+        self.ops = nn.ModuleList()
+        for name in self.op_names:
+            op = OPS[name](C, stride, False)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self.ops.append(op)
+        self.backend = check_backend(backend)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return MIXED_OP_BACKENDS[self.backend](self, x, weights)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, backend={self.backend!r}"
+
+
+def mixed_op_reference(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_k w_k·op_k(x)``, written as the original DARTS code writes it."""
+    return sum(w * op(x) for w, op in zip(weights, mixed.ops))
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """BatchNorm in training mode that leaves its running statistics as they
+    are. Momentum 0 turns the update into ``r·1 + batch·0 == r`` exactly; the
+    batch counter is restored after. (Disabling tracking instead would change
+    what BN saves for backward, which checkpoint's recompute check rejects.)"""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``reference`` under ``torch.utils.checkpoint``: nothing inside the edge is
+    kept, everything is recomputed in backward."""
+    if not torch.is_grad_enabled():
+        return mixed_op_reference(mixed, x, weights)
+    return checkpoint(
+        mixed_op_reference, mixed, x, weights,
+        use_reentrant=False,
+        # The supernet draws no random numbers, so saving RNG state is waste.
+        preserve_rng_state=False,
+        context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(mixed)),
+    )
+
+
+MixedOpBackend = Callable[[MixedOp, torch.Tensor, torch.Tensor], torch.Tensor]
+
+MIXED_OP_BACKENDS: dict[str, MixedOpBackend] = {
+    "reference": mixed_op_reference,
+    "checkpoint": mixed_op_checkpoint,
+}
+
+
+def check_backend(name: str) -> str:
+    if name not in MIXED_OP_BACKENDS:
+        raise FastDartsError(f"unknown backend {name!r}; known backends: {', '.join(MIXED_OP_BACKENDS)}")
+    return name

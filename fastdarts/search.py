@@ -1,0 +1,345 @@
+"""The DARTS search loop: ``search(...)`` and its configuration.
+
+Each step takes one batch of the weight half and one of the architecture half
+of the training set: an Adam step on α (first or second order), then an SGD
+step on the weights (SPEC §2). After every epoch the run writes a checkpoint
+(``checkpoint.pt``, written atomically) and ``metrics.jsonl``; ``resume=True``
+continues from the checkpoint and ends with the same α as an uninterrupted
+run, because every random draw of an epoch (shuffling, augmentation) comes
+from a generator seeded by (seed, epoch), not from state that a crash loses.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .architect import Architect
+from .data import DeviceLoader, load_dataset
+from .errors import FastDartsError
+from .genotype import Genotype
+from .mixed_op import check_backend
+from .supernet import SearchNetwork
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search run depends on; the defaults are the paper's."""
+    dataset: str = "cifar10"
+    data: str = "./data"
+    download: bool = False
+    ops: str | Sequence[str] = "darts"
+    layers: int | None = 8
+    layout: str | None = None          # e.g. "N,R,N"; replaces `layers`
+    channels: int = 16
+    steps: int = 4
+    multiplier: int = 4
+    batch_size: int = 64
+    epochs: int = 50
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    order: str = "second"
+    train_portion: float = 0.5
+    backend: str = "reference"
+    device: str = "auto"
+    seed: int = 2
+    out: str = "runs/search"
+    resume: bool = False
+    max_steps: int | None = None       # cap on steps per epoch, for smoke tests
+    progress: bool = True
+
+    # Fields that do not change what a run computes: a resumed run may differ in these.
+    RUNTIME_ONLY = ("data", "download", "backend", "device", "out", "resume", "progress")
+
+    def validate(self) -> None:
+        positive = dict(channels=self.channels, batch_size=self.batch_size, epochs=self.epochs,
+                        steps=self.steps, multiplier=self.multiplier)
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise FastDartsError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.order not in ("first", "second"):
+            raise FastDartsError(f"order must be 'first' or 'second', got {self.order!r}")
+        for name in ("lr", "arch_lr"):
+            if not getattr(self, name) > 0:
+                raise FastDartsError(f"{name} must be positive, got {getattr(self, name)!r}")
+        check_backend(self.backend)
+
+    def result_defining(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed."""
+        d = dataclasses.asdict(self)
+        for key in self.RUNTIME_ONLY:
+            d.pop(key)
+        if not isinstance(d["ops"], str):
+            d["ops"] = ",".join(d["ops"])
+        return d
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    history: list[dict]
+    out: Path
+    model: SearchNetwork = field(repr=False)
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    """The weights' learning rate in ``epoch`` (0-based): cosine from ``lr`` to
+    ``lr_min``, as CosineAnnealingLR stepped at the start of each epoch."""
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise FastDartsError(f"unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastDartsError(f"device {name!r} asked for, but this torch sees no CUDA device")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def frozen(params: Sequence[torch.nn.Parameter]):
+    """The weight step needs no gradient for α: not tracking it also spares
+    autograd from keeping every op output for ∂L/∂α."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def genotype_line(genotype: Genotype) -> str:
+    """One-line form for the per-epoch log: op(input) per edge, nodes split by '|'."""
+    def cell(edges):
+        pairs = [f"{op}({i})" for op, i in edges]
+        return " | ".join(" ".join(pairs[k:k + 2]) for k in range(0, len(pairs), 2))
+    return f"normal: {cell(genotype.normal)}  reduce: {cell(genotype.reduce)}"
+
+
+def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: torch.optim.Optimizer,
+                train_batch, val_batch, grad_clip: float):
+    """One DARTS step: Adam on α (first or second order), then SGD on the
+    weights. Returns the train logits and loss and the validation loss, detached."""
+    x, y = train_batch
+    arch_loss = architect.step(x, y, *val_batch)
+    weight_optimizer.zero_grad(set_to_none=True)
+    with frozen(model.arch_parameters()):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
+    weight_optimizer.step()
+    return logits.detach(), loss.detach(), arch_loss
+
+
+class _Searcher:
+    """The state of one search run; ``search()`` drives it."""
+
+    def __init__(self, config: SearchConfig, log: Callable[[str], None]):
+        config.validate()
+        self.config, self.log = config, log
+        self.device = resolve_device(config.device)
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / CHECKPOINT
+        if self.checkpoint_path.exists() and not config.resume:
+            raise FastDartsError(f"{self.out} already holds a search checkpoint; pass --resume to continue it"
+                                 f" or choose another --out")
+        if config.resume and not self.checkpoint_path.exists():
+            raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
+
+        seed_everything(config.seed)
+        dataset = load_dataset(config.dataset, config.data, download=config.download)
+        train_set, val_set = dataset.search_split(config.train_portion)
+        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std)
+        augment = dict(crop_padding=dataset.crop_padding, flip=dataset.flip)
+        self.train_loader = DeviceLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
+                                         **augment, **loader)
+        self.arch_loader = DeviceLoader(val_set, config.batch_size, shuffle=True, seed=config.seed + 1,
+                                        **augment, **loader)
+        self.eval_loader = DeviceLoader(val_set, config.batch_size, shuffle=False, **loader)
+
+        self.model = SearchNetwork(
+            C=config.channels, num_classes=dataset.num_classes,
+            layers=None if config.layout else config.layers, layout=config.layout, ops=config.ops,
+            steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
+            backend=config.backend).to(self.device)
+        self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=config.lr,
+                                                momentum=config.momentum, weight_decay=config.weight_decay)
+        self.architect = Architect(self.model, self.weight_optimizer, order=config.order, lr=config.arch_lr,
+                                   weight_decay=config.arch_weight_decay)
+        self.history: list[dict] = []
+        if config.resume:
+            self._load_checkpoint()
+
+    # -- checkpoints --------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(),
+                     epochs_done=len(self.history), model=self.model.state_dict(),
+                     weight_optimizer=self.weight_optimizer.state_dict(),
+                     arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
+        _atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
+
+    def _load_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which, not where in torch it broke
+            raise FastDartsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
+        ours = self.config.result_defining()
+        theirs = state["config"]
+        diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        if diff:
+            raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})")
+        self.model.load_state_dict(state["model"])
+        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        self.architect.optimizer.load_state_dict(state["arch_optimizer"])
+        self.history = list(state["history"])
+        self.log(f"resumed from {path} after epoch {len(self.history)}/{self.config.epochs}")
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(entry) + "\n" for entry in self.history)
+        _atomic_write(self.out / "metrics.jsonl", lambda p: p.write_text(lines))
+
+    # -- one epoch ----------------------------------------------------------
+    def _steps(self, loader: DeviceLoader) -> int:
+        cap = self.config.max_steps
+        return len(loader) if cap is None else min(cap, len(loader))
+
+    def _train_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, model = self.config, self.model
+        model.train()
+        arch_stream = self.arch_loader.cycle(epoch)
+        n_steps = self._steps(self.train_loader)
+        # Sums stay on the device: a .item() per step would sync the GPU every step.
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        arch_loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+            if step >= n_steps:
+                break
+            x_val, y_val = next(arch_stream)
+            logits, loss, arch_loss = search_step(model, self.architect, self.weight_optimizer, (x, y),
+                                                  (x_val, y_val), cfg.grad_clip)
+            arch_loss_sum += arch_loss
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update()
+            if step % 10 == 0 or step == n_steps - 1:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
+        bar.close()
+        return dict(train_loss=loss_sum.item() / seen, train_acc=100 * correct.item() / seen,
+                    arch_loss=arch_loss_sum.item() / n_steps)
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
+        """Loss and accuracy on the architecture half, eval mode, no augmentation."""
+        self.model.eval()
+        n_steps = self._steps(self.eval_loader)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        for step, (x, y) in enumerate(self.eval_loader.epoch(0)):
+            if step >= n_steps:
+                break
+            logits = self.model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        self.model.train()
+        return dict(val_loss=loss_sum.item() / seen, val_acc=100 * correct.item() / seen)
+
+    def run(self, on_epoch_end: Callable[[dict], None] | None) -> SearchResult:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(len(self.history), cfg.epochs):
+            start = time.perf_counter()
+            lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
+            for group in self.weight_optimizer.param_groups:
+                group["lr"] = lr
+            entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate())
+            genotype = self.model.genotype()
+            entropy = self.model.alpha_entropy()
+            entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=self.model.alpha_weights(),
+                         seconds=time.perf_counter() - start)
+            self.history.append(entry)
+            self._save_checkpoint()
+            self._write_metrics()
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
+                     f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.3f} "
+                     f"reduce {entropy['reduce']:.3f}  {entry['seconds']:.1f}s\n  genotype {genotype_line(genotype)}")
+            if on_epoch_end is not None:
+                on_epoch_end(entry)
+        return self._finish()
+
+    def _finish(self) -> SearchResult:
+        from .visualize import plot_alpha_history, plot_genotype
+
+        genotype = self.model.genotype()
+        genotype.save(self.out / "genotype.json")
+        (self.out / "genotype.txt").write_text(str(genotype) + "\n")
+        pictures = plot_genotype(genotype, self.out)
+        plot_alpha_history([h["alphas"] for h in self.history], self.model.op_names, self.model.steps,
+                           self.out / "alphas.png")
+        self.log(f"searched genotype:\n{genotype}")
+        self.log(f"wrote {self.out / 'genotype.json'}, {', '.join(str(p) for p in pictures)}, "
+                 f"{self.out / 'alphas.png'}, {self.out / 'metrics.jsonl'}")
+        return SearchResult(genotype=genotype, history=self.history, out=self.out, model=self.model)
+
+
+def search(config: SearchConfig | None = None, *, on_epoch_end: Callable[[dict], None] | None = None,
+           log: Callable[[str], None] = print, **overrides) -> SearchResult:
+    """Run a DARTS search and write its results to ``config.out``.
+
+    ``search(dataset="digits", epochs=1, out="runs/demo")`` overrides single
+    fields of the default ``SearchConfig``. ``on_epoch_end`` is called with each
+    epoch's metrics after its checkpoint is written.
+    """
+    config = dataclasses.replace(config or SearchConfig(), **overrides)
+    return _Searcher(config, log).run(on_epoch_end)

@@ -1,0 +1,168 @@
+"""The DARTS supernet: cells whose every edge is a mixed operation (SPEC §1).
+
+Parameters are registered in the order of the original code's
+``model_search.Network`` (stem, cells in order, each with its preprocessing
+and then its edges, ops in op-set order, classifier), so weights copy across
+positionally. The architecture weights α are two ``nn.Parameter``s kept apart
+from the weights (``arch_parameters()`` / ``weight_parameters()``); being
+parameters, they are part of ``state_dict()`` and so of every checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FastDartsError
+from .genotype import Genotype, derive_genotype
+from .layout import layout_string, reduction_layout
+from .mixed_op import MixedOp, check_backend
+from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
+
+
+def num_edges(steps: int) -> int:
+    """Edges of a cell: intermediate node i has 2 + i inputs."""
+    return sum(2 + i for i in range(steps))
+
+
+class SearchCell(nn.Module):
+    """A cell of the supernet: 2 inputs, ``steps`` intermediate nodes, the
+    output concatenates the last ``multiplier`` of them."""
+
+    def __init__(self, op_names: Sequence[str], steps: int, multiplier: int, C_prev_prev: int, C_prev: int,
+                 C: int, reduction: bool, reduction_prev: bool, backend: str):
+        super().__init__()
+        self.reduction = reduction
+        self.steps = steps
+        self.multiplier = multiplier
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList(
+            MixedOp(C, 2 if reduction and j < 2 else 1, op_names, backend)
+            for i in range(steps) for j in range(2 + i))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.steps):
+            s = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self.multiplier:], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    """The supernet searched by DARTS.
+
+    Args:
+        C: channels of the first cell (the stem has ``stem_multiplier * C``).
+        num_classes: classifier outputs.
+        layers: number of cells, reductions at ``layers//3`` and ``2*layers//3``.
+        layout: instead of ``layers``, an explicit string such as ``"N,R,N"``.
+        ops: an op-set name (``darts``, ``extended``) or a list of op names.
+        steps, multiplier: intermediate nodes per cell, and how many of the
+            last ones the output concatenates.
+        in_channels: image channels (3 for CIFAR-10, 1 for digits).
+        backend: how mixed operations are evaluated (``mixed_op.MIXED_OP_BACKENDS``).
+    """
+
+    def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
+                 ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
+                 in_channels: int = 3, backend: str = "reference"):
+        super().__init__()
+        for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
+                            ("multiplier", multiplier), ("stem_multiplier", stem_multiplier),
+                            ("in_channels", in_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise FastDartsError(f"{name} must be a positive integer, got {value!r}")
+        if multiplier > steps:
+            raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
+        if C % 2:
+            # FactorizedReduce splits its output channels in two halves.
+            raise FastDartsError(f"channels must be even, got {C}")
+        self.op_names = resolve_ops(ops)
+        self.reductions = reduction_layout(None if layout is not None else layers, layout)
+        self.steps, self.multiplier = steps, multiplier
+        self.config = dict(channels=C, num_classes=num_classes, layout=layout_string(self.reductions),
+                           ops=list(self.op_names), steps=steps, multiplier=multiplier,
+                           stem_multiplier=stem_multiplier, in_channels=in_channels)
+
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
+            nn.BatchNorm2d(C_curr),
+        )
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for reduction in self.reductions:
+            if reduction:
+                C_curr *= 2
+            self.cells.append(SearchCell(self.op_names, steps, multiplier, C_prev_prev, C_prev, C_curr,
+                                         reduction, reduction_prev, backend))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        # Created after the weights, as in the original code, so the same seed
+        # gives the same initial weights and α.
+        k, n = num_edges(steps), len(self.op_names)
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n))
+
+    # -- parameters ---------------------------------------------------------
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha_normal, self.alpha_reduce]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    # -- backend ------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return next(m.backend for m in self.modules() if isinstance(m, MixedOp))
+
+    def set_backend(self, backend: str) -> "SearchNetwork":
+        check_backend(backend)
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.backend = backend
+        return self
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights_normal = F.softmax(self.alpha_normal, dim=-1)
+        weights_reduce = F.softmax(self.alpha_reduce, dim=-1)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x), y)
+
+    # -- architecture -------------------------------------------------------
+    def genotype(self) -> Genotype:
+        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.op_names, self.steps, self.multiplier)
+
+    def alpha_weights(self) -> dict[str, list[list[float]]]:
+        """softmax(α) of both cell types as plain lists (for logs and plots)."""
+        return {name: F.softmax(a.detach().float(), dim=-1).cpu().tolist()
+                for name, a in (("normal", self.alpha_normal), ("reduce", self.alpha_reduce))}
+
+    def alpha_entropy(self) -> dict[str, float]:
+        """Mean entropy (nats) of the per-edge op distributions; ln|O| at the
+        start, falling as the search commits to ops."""
+        out = {}
+        for name, a in (("normal", self.alpha_normal), ("reduce", self.alpha_reduce)):
+            logp = F.log_softmax(a.detach().float(), dim=-1)
+            out[name] = float(-(logp.exp() * logp).sum(-1).mean())
+        return out

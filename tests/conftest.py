@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_net(**kw):
+    """A supernet small enough for a test to run in well under a second."""
+    from fastdarts import SearchNetwork
+
+    args = dict(C=4, num_classes=5, layout="N,R,N", ops="darts", steps=2, multiplier=2, stem_multiplier=1,
+                in_channels=3)
+    args.update(kw)
+    return SearchNetwork(**args)

@@ -1,0 +1,101 @@
+"""`fastdarts-search` as a user runs it: one-line errors, non-zero exits."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastdarts.cli import search_main
+
+TINY = ["--dataset", "digits", "--layout", "N,R,N", "--channels", "4", "--steps", "2", "--multiplier", "2",
+        "--batch-size", "32", "--max-steps", "2", "--device", "cpu", "--no-progress"]
+
+
+def _fails(argv, capsys, needle):
+    with pytest.raises(SystemExit) as exc:  # argparse's own errors
+        search_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def _error_line(argv, capsys):
+    code = search_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("fastdarts-search: error: "), err
+    return err[0]
+
+
+def test_readme_main_job_runs_offline(tmp_path):
+    """The README's first command, exactly: the paper's defaults on digits, one epoch."""
+    out = tmp_path / "digits"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "fastdarts.cli", "--dataset", "digits", "--epochs", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    genotype = json.loads((out / "genotype.json").read_text())
+    assert set(genotype) == {"normal", "normal_concat", "reduce", "reduce_concat"}
+    for cell in ("normal", "reduce"):
+        assert len(genotype[cell]) == 8
+        for op, node in genotype[cell]:
+            assert isinstance(op, str) and op != "none" and isinstance(node, int)
+    assert "epoch 1/1" in proc.stdout and "val_acc" in proc.stdout
+
+
+def test_small_run_and_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert search_main(TINY + ["--epochs", "1", "--out", out]) == 0
+    assert "epoch 1/1" in capsys.readouterr().out
+    assert search_main(TINY + ["--epochs", "1", "--out", out, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--ops", "darts,sep_conv_9x9"], "unknown op 'sep_conv_9x9'; known ops: none, max_pool_3x3"),
+    (["--layout", "N,Q"], "malformed layout 'N,Q'"),
+])
+def test_bad_search_space(tmp_path, capsys, extra, needle):
+    argv = [a for a in TINY if a not in ("--layout", "N,R,N")] + extra + ["--out", str(tmp_path)]
+    assert needle in _error_line(argv, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--channels", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_non_positive_sizes(capsys, flag, value):
+    _fails([flag, value], capsys, "must be a positive integer")
+
+
+def test_missing_cifar_without_download(tmp_path, capsys):
+    line = _error_line(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    assert "--download" in line and str(tmp_path) in line
+
+
+def test_corrupt_archive(tmp_path, capsys):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b truncated")
+    line = _error_line(["--dataset", "cifar10", "--download", "--data", str(tmp_path), "--out",
+                        str(tmp_path / "o")], capsys)
+    assert "cifar-10-python.tar.gz" in line and "md5" in line.lower()
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+
+
+def test_resume_with_other_configuration(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert search_main(TINY + ["--epochs", "1", "--out", out]) == 0
+    capsys.readouterr()
+    line = _error_line([a if a != "4" else "6" for a in TINY] + ["--epochs", "1", "--out", out, "--resume"], capsys)
+    assert "different configuration" in line and "channels" in line
+
+
+def test_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import fastdarts.cli as cli
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "search", interrupted)
+    assert search_main(TINY + ["--out", str(tmp_path)]) == 130
+    assert "--resume" in capsys.readouterr().err
