@@ -16,15 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FastDartsError
-from .genotype import Genotype, derive_genotype
+from .genotype import Genotype, derive_genotype, num_edges
 from .layout import layout_string, reduction_layout
 from .mixed_op import MixedOp, check_backend
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
-
-
-def num_edges(steps: int) -> int:
-    """Edges of a cell: intermediate node i has 2 + i inputs."""
-    return sum(2 + i for i in range(steps))
 
 
 class SearchCell(nn.Module):

@@ -14,18 +14,22 @@ def _grads(net, x, y):
     return loss.detach(), grads
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ops", ["darts", "extended", "none,skip_connect,conv_3x3"])
 @pytest.mark.parametrize("hw", [8, 7])
-def test_checkpoint_matches_reference(ops, hw):
+def test_checkpoint_matches_reference(ops, hw, device):
     torch.manual_seed(1)
-    ref = tiny_net(ops=ops)
-    ckpt = tiny_net(ops=ops)
+    ref = tiny_net(ops=ops).to(device)
+    ckpt = tiny_net(ops=ops).to(device)
     ckpt.load_state_dict(ref.state_dict())
     ckpt.set_backend("checkpoint")
     assert ckpt.backend == "checkpoint"
     # A non-contiguous input: every other column of a wider tensor.
-    x = torch.randn(4, 3, hw, 2 * hw)[..., ::2]
-    y = torch.randint(0, 5, (4,))
+    x = torch.randn(4, 3, hw, 2 * hw, device=device)[..., ::2]
+    y = torch.randint(0, 5, (4,), device=device)
     loss_r, grads_r = _grads(ref, x, y)
     loss_c, grads_c = _grads(ckpt, x, y)
     torch.testing.assert_close(loss_c, loss_r, rtol=1e-6, atol=0)

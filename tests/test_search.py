@@ -122,3 +122,10 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path):
 def test_bad_configuration(tmp_path, field, value, needle):
     with pytest.raises(FastDartsError, match=needle):
         search(epochs=1, out=str(tmp_path), log=_quiet, **{**TINY, field: value})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_search_on_cuda(tmp_path):
+    result = search(epochs=2, out=str(tmp_path), log=_quiet, **{**TINY, "device": "cuda"})
+    assert result.model.alpha_normal.is_cuda
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

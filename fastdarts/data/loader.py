@@ -1,0 +1,98 @@
+"""A loader that keeps the whole image set on the device and augments batches there.
+
+Randomness (permutation, crops, flips, cutout) comes from a generator seeded
+by a fixed function of (seed, epoch, pass), never from global RNG state, so a
+resumed run replays exactly the passes of the uninterrupted one.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import FastDartsError
+from .dataset import ImageSet
+from .augment import cutout as apply_cutout
+from .augment import normalize, random_crop, random_flip, to_float
+
+_PRIME = 1_000_003
+_MASK63 = (1 << 63) - 1
+
+
+def mix_seed(seed: int, epoch: int, k: int) -> int:
+    """A 63-bit seed for pass ``k`` of ``epoch``; deterministic, unlike ``hash()``."""
+    return ((seed * _PRIME + epoch) * _PRIME + k) & _MASK63
+
+
+class DeviceLoader:
+    """Batches of one ``ImageSet``, moved to ``device`` once and augmented there."""
+
+    def __init__(
+        self,
+        images: ImageSet,
+        batch_size: int,
+        *,
+        device: torch.device | str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        shuffle: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        cutout: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size <= 0:
+            raise FastDartsError(f"batch size {batch_size} is not positive: pass a batch size of at least 1")
+        channels = images.images.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise FastDartsError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images: give one per channel")
+        if crop_padding < 0 or cutout < 0:
+            raise FastDartsError(f"crop padding {crop_padding} and cutout {cutout} must not be negative")
+        self.device = torch.device(device)
+        self.images = images.images.to(self.device)
+        self.labels = images.labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.cutout = cutout
+        self.seed = seed
+        self.drop_last = drop_last
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        if len(self) == 0:
+            raise FastDartsError(f"{len(images)} images make no batch of {batch_size} with drop_last: lower the batch size")
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over the set, identical whenever ``epoch`` is replayed."""
+        return self._pass(epoch, 0)
+
+    def cycle(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches: pass ``epoch`` (as ``epoch(epoch)``), then further passes with new permutations."""
+        k = 0
+        while True:
+            yield from self._pass(epoch, k)
+            k += 1
+
+    def _pass(self, epoch: int, k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(mix_seed(self.seed, epoch, k))
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=generator, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = to_float(self.images[index])
+            x = random_crop(x, self.crop_padding, generator)
+            if self.flip:
+                x = random_flip(x, generator)
+            x = normalize(x, self._mean, self._std)
+            x = apply_cutout(x, self.cutout, generator)
+            yield x, self.labels[index]
