@@ -78,7 +78,7 @@ def worker(args) -> dict:
     import torch
 
     from fastdarts import Architect, EXTENDED_OPS, SearchNetwork, resolve_ops
-    from fastdarts.search import search_step
+    from fastdarts.search_loop import search_step
 
     torch.manual_seed(0)
     device = torch.device(args.device)

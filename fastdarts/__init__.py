@@ -9,7 +9,7 @@ from .genotype import DARTS_V1, DARTS_V2, GENOTYPES, Genotype, derive_genotype, 
 from .layout import reduction_layout
 from .mixed_op import MIXED_OP_BACKENDS, MixedOp
 from .ops import DARTS_OPS, EXTENDED_OPS, OP_SETS, OPS, PRIMITIVES, resolve_ops
-from .search import SearchConfig, SearchResult, search
+from .search_loop import SearchConfig, SearchResult, search
 from .supernet import SearchCell, SearchNetwork
 
 __version__ = "0.1.0"

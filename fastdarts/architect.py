@@ -17,6 +17,7 @@ weights the network never takes, and only the weight step should move them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, Sequence
 
 import torch
@@ -28,6 +29,20 @@ class SearchModel(Protocol):
     def weight_parameters(self) -> list[nn.Parameter]: ...
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
     def buffers(self): ...
+
+
+@contextlib.contextmanager
+def frozen(params: Sequence[torch.nn.Parameter]):
+    """No gradient for ``params`` inside: a pass that needs no ∂L/∂α spares
+    autograd from keeping every op output of every mixed op for it."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,13 +68,19 @@ class Architect:
                  lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3):
         if order not in ("first", "second"):
             raise ValueError(f"order must be 'first' or 'second', got {order!r}")
+        groups = weight_optimizer.param_groups
+        if len(groups) != 1 or groups[0].get("nesterov") or groups[0].get("dampening", 0) != 0 \
+                or groups[0].get("maximize"):
+            # The virtual step below is plain SGD with momentum and weight decay on one group.
+            raise ValueError("Architect unrolls one param group of plain SGD (no nesterov, dampening or maximize)")
         self.model = model
         self.weight_optimizer = weight_optimizer
         self.order = order
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
     def step(self, x_train, y_train, x_val, y_val) -> torch.Tensor:
-        """One Adam step on α; returns the validation loss (detached)."""
+        """One Adam step on α; returns the validation loss (detached): at the
+        current weights w for first order, at the virtual weights w' for second."""
         grads, val_loss = self.arch_gradients(x_train, y_train, x_val, y_val)
         for alpha, g in zip(self.model.arch_parameters(), grads):
             alpha.grad = g
@@ -99,7 +120,9 @@ class Architect:
         saved = [w.detach().clone() for w in weights]
         try:
             # w' = one virtual SGD step on the train batch.
-            self._virtual_step(weights, _grads(model.loss(x_train, y_train), weights))
+            with frozen(alphas):
+                train_loss = model.loss(x_train, y_train)
+            self._virtual_step(weights, _grads(train_loss, weights))
             val_loss = model.loss(x_val, y_val)
             grads = _grads(val_loss, alphas + weights)
             d_alpha, v = grads[: len(alphas)], grads[len(alphas):]

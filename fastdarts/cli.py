@@ -10,8 +10,16 @@ import sys
 from typing import Sequence
 
 from .errors import FastDartsError
+from .genotype import GENOTYPES, get_genotype
 from .mixed_op import MIXED_OP_BACKENDS
-from .search import SearchConfig, search
+from .search_loop import SearchConfig, search
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -26,7 +34,7 @@ def _positive_int(text: str) -> int:
 
 def search_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastdarts-search",
         description="DARTS architecture search (Liu et al., 2019). Defaults are the paper's CIFAR-10 search.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -73,17 +81,40 @@ def search_parser() -> argparse.ArgumentParser:
 def search_main(argv: Sequence[str] | None = None) -> int:
     args = search_parser().parse_args(argv)
     config = SearchConfig(**vars(args))
-    if config.layout is not None:
-        config.layers = None
     try:
         search(config)
-    except FastDartsError as e:
+    except (FastDartsError, OSError) as e:  # OSError: an unwritable --out, a full disk
         print(f"fastdarts-search: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nfastdarts-search: interrupted; continue with the same command plus --resume "
               f"(finished epochs are in {config.out}/checkpoint.pt)", file=sys.stderr)
         return 130
+    return 0
+
+
+def genotype_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fastdarts-genotype",
+        description="Print a genotype and draw its cells (normal.png, reduce.png).")
+    p.add_argument("genotype", help=f"a published name ({', '.join(GENOTYPES)}) or a genotype.json file")
+    p.add_argument("--out", help="directory for the cell pictures (none drawn without it)")
+    return p
+
+
+def genotype_main(argv: Sequence[str] | None = None) -> int:
+    args = genotype_parser().parse_args(argv)
+    try:
+        genotype = get_genotype(args.genotype)
+        print(genotype)
+        if args.out:
+            from .visualize import plot_genotype
+
+            for path in plot_genotype(genotype, args.out):
+                print(f"wrote {path}")
+    except FastDartsError as e:
+        print(f"fastdarts-genotype: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,8 +3,10 @@
 Every convolution is ReLU -> Conv -> BN. ``OPS[name](C, stride, affine)``
 builds one op; the supernet uses ``affine=False`` and appends BN to the pools
 (see ``mixed_op.py``), the network trained from scratch uses ``affine=True``.
-Module and attribute names follow the original DARTS code (``op``,
-``conv_1``, ``conv_2``, ``bn``) so its state_dicts load by name.
+Module and attribute names inside each op follow the original DARTS code
+(``op``, ``conv_1``, ``conv_2``, ``bn``), so a network built from these ops
+with the original's container names loads its state_dicts by name; the
+supernet names its containers differently and copies weights by position.
 """
 from __future__ import annotations
 

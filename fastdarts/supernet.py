@@ -77,9 +77,6 @@ class SearchNetwork(nn.Module):
                 raise FastDartsError(f"{name} must be a positive integer, got {value!r}")
         if multiplier > steps:
             raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
-        if C % 2:
-            # FactorizedReduce splits its output channels in two halves.
-            raise FastDartsError(f"channels must be even, got {C}")
         self.op_names = resolve_ops(ops)
         self.reductions = reduction_layout(None if layout is not None else layers, layout)
         self.steps, self.multiplier = steps, multiplier

@@ -185,7 +185,19 @@ def test_wrong_checksum_extracts_nothing(tmp_path):
     with pytest.raises(FastDartsError) as excinfo:
         download_cifar10(root, url=archive.as_uri(), md5=wrong)
     message = error_message(excinfo)
-    assert str(root / ARCHIVE) in message and wrong in message and md5 in message and "delete" in message
+    assert ARCHIVE in message and wrong in message and md5 in message and "deleted" in message
+    assert list(root.iterdir()) == []  # a bad download is not kept to fail every later run
+
+
+def test_wrong_checksum_of_a_placed_archive_is_kept(tmp_path):
+    archive, md5 = make_archive(tmp_path)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / ARCHIVE).write_bytes(archive.read_bytes())
+    with pytest.raises(FastDartsError) as excinfo:
+        download_cifar10(root, url=archive.as_uri(), md5="0" * 32)
+    message = error_message(excinfo)
+    assert str(root / ARCHIVE) in message and md5 in message and "delete the file" in message
     assert [p.name for p in root.iterdir()] == [ARCHIVE]
 
 
@@ -198,7 +210,7 @@ def test_truncated_archive_fails_checksum(tmp_path):
         download_cifar10(root, url=archive.as_uri(), md5=md5)
     message = error_message(excinfo)
     assert ARCHIVE in message and hashlib.md5(data[: len(data) // 2]).hexdigest() in message
-    assert [p.name for p in root.iterdir()] == [ARCHIVE]
+    assert list(root.iterdir()) == []
 
 
 def test_unreachable_url_names_it(tmp_path):

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from fastdarts import FastDartsError, Genotype, SearchConfig, search
-from fastdarts.search import cosine_lr
+import fastdarts.search_loop as search_module
+from fastdarts import DARTS_OPS, FastDartsError, Genotype, SearchConfig, search
+from fastdarts.search_loop import cosine_lr
 
 # Small enough for a CPU test, real enough to exercise both cell types and second order.
 TINY = dict(dataset="digits", layout="N,R,N", layers=None, channels=4, steps=2, multiplier=2, batch_size=32,
@@ -78,6 +79,30 @@ def test_resumed_run_ends_with_the_same_alpha(tmp_path):
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_resume_after_an_interrupt_inside_an_epoch(tmp_path, monkeypatch):
+    config = SearchConfig(epochs=2, order="first", **TINY)
+    whole = search(config, out=str(tmp_path / "whole"), log=_quiet)
+
+    calls = {"n": 0}
+    real_step = search_module.search_step
+
+    def step_then_crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == TINY["max_steps"] + 2:  # the second step of epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "search_step", step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        search(config, out=str(tmp_path / "split"), log=_quiet)
+    monkeypatch.setattr(search_module, "search_step", real_step)
+    # Only the epoch in progress is lost: the checkpoint holds epoch 1.
+    assert len(torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["history"]) == 1
+    resumed = search(config, out=str(tmp_path / "split"), resume=True, log=_quiet)
+    for a, b in zip(whole.model.arch_parameters(), resumed.model.arch_parameters()):
+        assert torch.equal(a, b)
+
+
 def test_backends_search_alike(tmp_path):
     """Three second-order steps with each backend give the same α and genotype."""
     results = {b: search(epochs=1, backend=b, out=str(tmp_path / b), log=_quiet, **TINY)
@@ -92,8 +117,11 @@ def test_resume_refuses_another_configuration(tmp_path):
     search(epochs=1, out=str(tmp_path), log=_quiet, **TINY)
     with pytest.raises(FastDartsError, match="different configuration.*channels: checkpoint 4 vs now 6"):
         search(epochs=1, out=str(tmp_path), resume=True, log=_quiet, **{**TINY, "channels": 6})
-    # The backend does not change the numbers, so switching it on resume is allowed.
-    search(epochs=2, out=str(tmp_path / "b"), log=_quiet, **TINY)
+    # The backend does not change the numbers, so switching it on resume is allowed;
+    # spelling the same ops or layout differently is the same configuration.
+    result = search(epochs=1, out=str(tmp_path), resume=True, backend="checkpoint", log=_quiet,
+                    **{**TINY, "ops": list(DARTS_OPS), "layout": "n,r,n", "layers": 8})
+    assert result.model.backend == "checkpoint" and len(result.history) == 1
 
 
 def test_existing_checkpoint_is_not_overwritten(tmp_path):

@@ -50,15 +50,18 @@ def download_cifar10(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
         return folder
     root.mkdir(parents=True, exist_ok=True)
     archive = root / ARCHIVE
-    actual = _md5_of(archive) if archive.exists() else _fetch(url, archive)
+    if not archive.exists():
+        _fetch(url, archive, md5)
+    actual = _md5_of(archive)
     if actual != md5:
+        # A file someone placed here: theirs to delete, not ours.
         raise FastDartsError(f"checksum mismatch for {archive}: expected md5 {md5}, got {actual}; delete the file and retry")
     _extract(archive, root)
     return folder
 
 
-def _fetch(url: str, archive: Path) -> str:
-    """Stream ``url`` to ``archive`` via a ``.part`` file; return the md5 of what arrived."""
+def _fetch(url: str, archive: Path, md5: str) -> None:
+    """Stream ``url`` to ``archive`` via a ``.part`` file, kept only if its md5 is right."""
     part = archive.with_name(archive.name + ".part")
     digest = hashlib.md5()
     try:
@@ -71,8 +74,12 @@ def _fetch(url: str, archive: Path) -> str:
         raise FastDartsError(
             f"could not download {url} ({exc}); place {ARCHIVE} in {archive.parent} by hand and run again"
         ) from exc
+    if digest.hexdigest() != md5:
+        part.unlink()
+        raise FastDartsError(
+            f"checksum mismatch for {archive.name} downloaded from {url}: expected md5 {md5}, "
+            f"got {digest.hexdigest()}; the download was deleted, retry")
     os.replace(part, archive)
-    return digest.hexdigest()
 
 
 def _md5_of(path: Path) -> str:

@@ -26,6 +26,10 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device | str) -> ImageSet:
+        """The same set on ``device`` (no copy if it is already there)."""
+        return ImageSet(self.images.to(device), self.labels.to(device))
+
     def __getitem__(self, index: slice) -> ImageSet:
         """A slice of the set (a view: slicing dim 0 keeps it contiguous)."""
         return ImageSet(self.images[index], self.labels[index])

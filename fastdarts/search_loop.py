@@ -10,7 +10,6 @@ from a generator seeded by (seed, epoch), not from state that a crash loses.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .architect import Architect
+from .architect import Architect, frozen
 from .data import DeviceLoader, load_dataset
 from .errors import FastDartsError
 from .genotype import Genotype
+from .layout import layout_string, reduction_layout
 from .mixed_op import check_backend
+from .ops import resolve_ops
 from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
@@ -67,10 +68,14 @@ class SearchConfig:
     max_steps: int | None = None       # cap on steps per epoch, for smoke tests
     progress: bool = True
 
-    # Fields that do not change what a run computes: a resumed run may differ in these.
+    # Fields that do not change what a run computes: a resumed run may differ in
+    # these (the device only within its type: see _load_checkpoint).
     RUNTIME_ONLY = ("data", "download", "backend", "device", "out", "resume", "progress")
 
-    def validate(self) -> None:
+    def checked(self) -> "SearchConfig":
+        """A validated copy in canonical form (ops resolved, layout spelled
+        out), so that bad input fails before any data is touched and two
+        spellings of one configuration compare equal on resume."""
         positive = dict(channels=self.channels, batch_size=self.batch_size, epochs=self.epochs,
                         steps=self.steps, multiplier=self.multiplier)
         if self.max_steps is not None:
@@ -78,20 +83,27 @@ class SearchConfig:
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise FastDartsError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.multiplier > self.steps:
+            raise FastDartsError(f"multiplier ({self.multiplier}) cannot exceed steps ({self.steps})")
         if self.order not in ("first", "second"):
             raise FastDartsError(f"order must be 'first' or 'second', got {self.order!r}")
-        for name in ("lr", "arch_lr"):
+        for name in ("lr", "arch_lr", "grad_clip"):
             if not getattr(self, name) > 0:
-                raise FastDartsError(f"{name} must be positive, got {getattr(self, name)!r}")
+                raise FastDartsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        for name in ("lr_min", "momentum", "weight_decay", "arch_weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise FastDartsError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
         check_backend(self.backend)
+        layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
+        return dataclasses.replace(self, ops=",".join(resolve_ops(self.ops)), layout=layout, layers=None)
 
     def result_defining(self) -> dict:
-        """The fields a checkpoint must agree on to be resumed."""
+        """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
         d = dataclasses.asdict(self)
         for key in self.RUNTIME_ONLY:
             d.pop(key)
-        if not isinstance(d["ops"], str):
-            d["ops"] = ",".join(d["ops"])
         return d
 
 
@@ -116,6 +128,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise FastDartsError(f"unknown device {name!r} ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FastDartsError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastDartsError(f"device {name!r} asked for, but this torch sees no CUDA device")
     return device
@@ -127,23 +141,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def frozen(params: Sequence[torch.nn.Parameter]):
-    """The weight step needs no gradient for α: not tracking it also spares
-    autograd from keeping every op output for ∂L/∂α."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary file, flush it to disk, then rename it over
+    ``path``: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -175,7 +179,7 @@ class _Searcher:
     """The state of one search run; ``search()`` drives it."""
 
     def __init__(self, config: SearchConfig, log: Callable[[str], None]):
-        config.validate()
+        config = config.checked()
         self.config, self.log = config, log
         self.device = resolve_device(config.device)
         self.out = Path(config.out)
@@ -186,9 +190,18 @@ class _Searcher:
         if config.resume and not self.checkpoint_path.exists():
             raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
 
+        if self.out.exists() and not self.out.is_dir():
+            raise FastDartsError(f"--out {self.out} is a file, not a directory")
+
         seed_everything(config.seed)
         dataset = load_dataset(config.dataset, config.data, download=config.download)
-        train_set, val_set = dataset.search_split(config.train_portion)
+        reductions = config.layout.count("R")
+        if dataset.image_size < 2 ** reductions:
+            raise FastDartsError(
+                f"layout {config.layout} has {reductions} reduction cells, but {dataset.image_size}x"
+                f"{dataset.image_size} {config.dataset} images allow at most {dataset.image_size.bit_length() - 1}")
+        # Moved once: the loaders of the architecture half then share one copy on the device.
+        train_set, val_set = (part.to(self.device) for part in dataset.search_split(config.train_portion))
         loader = dict(device=self.device, mean=dataset.mean, std=dataset.std)
         augment = dict(crop_padding=dataset.crop_padding, flip=dataset.flip)
         self.train_loader = DeviceLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
@@ -199,7 +212,7 @@ class _Searcher:
 
         self.model = SearchNetwork(
             C=config.channels, num_classes=dataset.num_classes,
-            layers=None if config.layout else config.layers, layout=config.layout, ops=config.ops,
+            layers=None, layout=config.layout, ops=config.ops.split(","),
             steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
             backend=config.backend).to(self.device)
         self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=config.lr,
@@ -212,7 +225,7 @@ class _Searcher:
 
     # -- checkpoints --------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(),
+        state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(), device_type=self.device.type,
                      epochs_done=len(self.history), model=self.model.state_dict(),
                      weight_optimizer=self.weight_optimizer.state_dict(),
                      arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
@@ -229,6 +242,9 @@ class _Searcher:
         ours = self.config.result_defining()
         theirs = state["config"]
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        # CPU and CUDA generators draw different crops and shuffles from the same seed.
+        if state.get("device_type") != self.device.type:
+            diff.append(f"device type: checkpoint {state.get('device_type')!r} vs now {self.device.type!r}")
         if diff:
             raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})")
         self.model.load_state_dict(state["model"])
@@ -312,8 +328,8 @@ class _Searcher:
             self._save_checkpoint()
             self._write_metrics()
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
-                     f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.3f} "
-                     f"reduce {entropy['reduce']:.3f}  {entry['seconds']:.1f}s\n  genotype {genotype_line(genotype)}")
+                     f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
+                     f"reduce {entropy['reduce']:.4f}  {entry['seconds']:.1f}s\n  genotype {genotype_line(genotype)}")
             if on_epoch_end is not None:
                 on_epoch_end(entry)
         return self._finish()
