@@ -226,7 +226,7 @@ class _Searcher:
     # -- checkpoints --------------------------------------------------------
     def _save_checkpoint(self) -> None:
         state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(), device_type=self.device.type,
-                     epochs_done=len(self.history), model=self.model.state_dict(),
+                     model=self.model.state_dict(),
                      weight_optimizer=self.weight_optimizer.state_dict(),
                      arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
         _atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import FastDartsError
 from .genotype import Genotype, derive_genotype, num_edges
-from .layout import layout_string, reduction_layout
+from .layout import reduction_layout
 from .mixed_op import MixedOp, check_backend
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
@@ -80,9 +80,6 @@ class SearchNetwork(nn.Module):
         self.op_names = resolve_ops(ops)
         self.reductions = reduction_layout(None if layout is not None else layers, layout)
         self.steps, self.multiplier = steps, multiplier
-        self.config = dict(channels=C, num_classes=num_classes, layout=layout_string(self.reductions),
-                           ops=list(self.op_names), steps=steps, multiplier=multiplier,
-                           stem_multiplier=stem_multiplier, in_channels=in_channels)
 
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
