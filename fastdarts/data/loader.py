@@ -50,8 +50,8 @@ class DeviceLoader:
         if crop_padding < 0 or cutout < 0:
             raise FastDartsError(f"crop padding {crop_padding} and cutout {cutout} must not be negative")
         self.device = torch.device(device)
-        self.images = images.images.to(self.device)
-        self.labels = images.labels.to(self.device)
+        on_device = images.to(self.device)
+        self.images, self.labels = on_device.images, on_device.labels
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.crop_padding = crop_padding
