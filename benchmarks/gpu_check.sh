@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: the CUDA tests, then the search-step
-# benchmark at the paper's setting (C=16, 8 layers, batch 64, 32x32, 8 ops),
-# first and second order, every backend, each in a fresh process.
+# One prepared run on a GPU machine (no internet needed):
+#   1. build fastdarts._C with its CUDA kernels against the installed CUDA torch;
+#   2. the CUDA tests: compiled kernels, Triton kernels (real GPU, not the
+#      interpreter), fused vs reference on CUDA;
+#   3. the search-step benchmark at the paper's setting (C=16, 8 layers,
+#      batch 64, 32x32, 8 ops), first and second order, every backend, each
+#      in a fresh process;
+#   4. the largest batch each backend fits (second order) and its images/s.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
-# Writes OUT_DIR/gpu_search_step.json and prints the table.
+# Writes OUT_DIR/{build.log,gpu_tests.log,gpu_search_step.json,gpu_max_batch.json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/fastdarts-gpu}}
@@ -12,13 +17,27 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || status=1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || exit 1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+
+echo "== build (CUDA kernels if nvcc is found)"
+if MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace >"$out/build.log" 2>&1; then
+  tail -n 2 "$out/build.log"
+else
+  tail -n 30 "$out/build.log"; status=1
+fi
+python3 -c "import fastdarts as fd; from fastdarts.kernels import extension as e; print('available:', fd.available_backends(), '| extension:', e.HAS_EXTENSION, 'cuda kernels:', e.HAS_CUDA_KERNELS, e.EXTENSION_ERROR or '')"
 
 echo "== CUDA tests"
-python3 -m pytest -q -x tests/test_mixed_op.py tests/test_data.py tests/test_search.py tests/test_architect.py \
-  2>&1 | tee "$out/gpu_tests.log" | tail -5 || status=1
+python3 -m pytest -q tests/test_kernels_cpp.py tests/test_kernels_triton.py tests/test_fused_mixed_op.py \
+  tests/test_mixed_op.py tests/test_architect.py 2>&1 | tee "$out/gpu_tests.log" | tail -n 8 || status=1
+echo "== fused with the compiled CUDA kernels instead of Triton"
+FASTDARTS_BACKEND=cuda python3 -m pytest -q tests/test_fused_mixed_op.py -k "cuda" 2>&1 | tail -n 3 || status=1
 
 echo "== search step at the paper's setting"
 python3 benchmarks/search_step.py --device cuda --order both --channels 16 --layers 8 --batch-size 64 \
   --warmup 2 --repeat 10 --json "$out/gpu_search_step.json" || status=1
+
+echo "== largest batch per backend (second order)"
+python3 benchmarks/search_step.py --device cuda --order second --channels 16 --layers 8 --batch-size 64 \
+  --warmup 0 --repeat 2 --find-max-batch --json "$out/gpu_max_batch.json" || status=1
 exit $status

@@ -5,9 +5,13 @@ step (first or second order) and then the weight step. Each backend runs in a
 fresh process with the same configuration, one after the other in this run,
 so the ratios compare like with like.
 
-Peak memory is that of the first step of a fresh process, above the
-baseline taken after the model, the optimisers and the data are built (it
-includes the SGD momentum buffers the first step allocates, about |w|):
+Peak memory is that of the first full-size step of a fresh process, above
+the baseline taken after the model, the optimisers and the data are built
+and after one warm-up step on a tiny batch (``--warmup-batch``, 2 images):
+that step pays the process's one-time costs (code pages of the backward
+kernels touched for the first time, thread pools, oneDNN caches, the SGD
+momentum buffers), which are not memory of the step and would otherwise
+weigh most on the leanest backend. Then:
 - cuda: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated``;
 - cpu: the peak resident set (VmHWM, reset through /proc/self/clear_refs)
   minus the resident set at the baseline. Only a fresh process gives a
@@ -16,6 +20,10 @@ includes the SGD momentum buffers the first step allocates, about |w|):
 The step time is the median of ``--repeat`` steps after ``--warmup`` more.
 
     python benchmarks/search_step.py --device cpu --order second --batch-size 64 --layers 8
+    # memory against the number of candidate ops (4..10 of the extended list), with a plot
+    python benchmarks/search_step.py --sweep-ops --plot sweep.png --json sweep.json --repeat 1 --warmup 0
+    # GPU: the largest batch each backend fits, and its images/s there
+    python benchmarks/search_step.py --device cuda --find-max-batch --batch-size 64
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-BACKENDS = ("reference", "checkpoint")
+BACKENDS = ("reference", "checkpoint", "fused")
 
 
 def _rss_bytes(field: str) -> int:
@@ -92,6 +100,9 @@ def worker(args) -> dict:
     batches = [(torch.randn(shape, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
                for _ in range(2)]
 
+    if args.warmup_batch:
+        small = [(b[0][: args.warmup_batch], b[1][: args.warmup_batch]) for b in batches]
+        search_step(model, architect, sgd, small[0], small[1], 5.0)
     memory = _Memory(device)
     memory.reset()
     search_step(model, architect, sgd, batches[0], batches[1], 5.0)
@@ -106,7 +117,8 @@ def worker(args) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    return dict(backend=args.backend, order=args.order, num_ops=len(ops), peak_memory_bytes=peak,
+    return dict(backend=args.backend, order=args.order, num_ops=len(ops), batch_size=args.batch_size,
+                peak_memory_bytes=peak,
                 step_seconds=step, images_per_second=args.batch_size / step)
 
 
@@ -123,11 +135,106 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None = None,
+                oom_ok: bool = False) -> dict | None:
+    """One measurement in a fresh process; None if it ran out of memory and
+    ``oom_ok`` (the batch does not fit)."""
+    cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--order", order, "--ops", ops,
+           "--batch-size", str(batch_size or args.batch_size)]
+    for flag in ("device", "channels", "layers", "image_size", "warmup", "repeat", "warmup_batch"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if oom_ok and "out of memory" in proc.stderr.lower():
+            return None
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(f"{backend}/{order}/{ops} ops failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def find_max_batch(args, backend: str, order: str) -> dict:
+    """The largest batch (to within 1/8) whose full search step fits: double
+    from --batch-size until a step runs out of memory, then bisect."""
+    fits, best, too_big = 0, None, None
+    batch = args.batch_size
+    while too_big is None:
+        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True)
+        if result is None:
+            too_big = batch
+        else:
+            fits, best, batch = batch, result, batch * 2
+        if fits == 0 and too_big is not None:
+            raise SystemExit(f"{backend}/{order}: even batch {batch} does not fit; lower --batch-size")
+    while too_big - fits > max(1, fits // 8):
+        batch = (fits + too_big) // 2
+        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True)
+        if result is None:
+            too_big = batch
+        else:
+            fits, best = batch, result
+    return dict(best, max_batch_size=fits)
+
+
+def _ratio(results: list[dict], r: dict, baseline: str, key: str) -> str:
+    base = next((x for x in results if x["order"] == r["order"] and x["num_ops"] == r["num_ops"]
+                 and x["backend"] == baseline), None)
+    return f"{r[key] / base[key]:.3f}" if base else "-"
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'order':<7} {'backend':<11} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} "
+          f"{'mem/ref':>8} {'mem/ckpt':>9} {'time/ref':>9} {'time/ckpt':>10}")
+    for r in results:
+        print(f"{r['order']:<7} {r['backend']:<11} {r['num_ops']:>3} {r['peak_memory_bytes'] / 2**20:>9.1f} "
+              f"{r['step_seconds']:>8.3f} {r['images_per_second']:>7.1f} "
+              f"{_ratio(results, r, 'reference', 'peak_memory_bytes'):>8} "
+              f"{_ratio(results, r, 'checkpoint', 'peak_memory_bytes'):>9} "
+              f"{_ratio(results, r, 'reference', 'step_seconds'):>9} "
+              f"{_ratio(results, r, 'checkpoint', 'step_seconds'):>10}")
+
+
+def print_growth(results: list[dict]) -> None:
+    """Peak-memory growth from the fewest to the most ops, per backend."""
+    for order in dict.fromkeys(r["order"] for r in results):
+        growth = {}
+        for backend in dict.fromkeys(r["backend"] for r in results):
+            rows = sorted((r for r in results if r["order"] == order and r["backend"] == backend),
+                          key=lambda r: r["num_ops"])
+            growth[backend] = rows[-1]["peak_memory_bytes"] - rows[0]["peak_memory_bytes"]
+            print(f"{order} {backend}: {rows[0]['num_ops']} -> {rows[-1]['num_ops']} ops, peak grows by "
+                  f"{growth[backend] / 2**20:.1f} MiB", end="")
+            ref = growth.get("reference")
+            print(f" ({growth[backend] / ref:.3f} of the reference's growth)" if ref else "")
+
+
+def plot_sweep(results: list[dict], path: str, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    for order in dict.fromkeys(r["order"] for r in results):
+        for backend in dict.fromkeys(r["backend"] for r in results):
+            rows = sorted((r for r in results if r["order"] == order and r["backend"] == backend),
+                          key=lambda r: r["num_ops"])
+            ax.plot([r["num_ops"] for r in rows], [r["peak_memory_bytes"] / 2**20 for r in rows],
+                    marker="o", label=f"{backend} ({order} order)")
+    ax.set_xlabel("candidate ops |O| (first N of the extended list)")
+    ax.set_ylabel("peak memory of one search step (MiB)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends")
-    p.add_argument("--ops", default="8", help="a count (first N of the extended list) or an op-set/op names")
+    p.add_argument("--ops", default="8", help="a count 4..10 (first N of the extended list) or an op-set/op names")
+    p.add_argument("--sweep-ops", action="store_true", help="run every op count 4..10 (memory against |O|)")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="(GPU) the largest batch each backend fits, starting from --batch-size")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
@@ -135,10 +242,15 @@ def main(argv=None) -> int:
     p.add_argument("--order", default="second", help="first, second, or both")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed steps; the median is reported")
+    p.add_argument("--warmup-batch", type=int, default=2,
+                   help="images in the warm-up step before the memory baseline (0: none)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="with --sweep-ops: write the memory plot (PNG) here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ops.isdigit() and not 4 <= int(args.ops) <= 10:
+        p.error(f"--ops count must be between 4 and 10, got {args.ops}")
 
     if args.worker:
         print(json.dumps(worker(args)))
@@ -147,31 +259,33 @@ def main(argv=None) -> int:
     import torch
 
     orders = ("first", "second") if args.order == "both" else (args.order,)
-    results = []
-    for order in orders:
-        for backend in args.backends.split(","):
-            cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--order", order]
-            for flag in ("device", "ops", "channels", "layers", "batch_size", "image_size", "warmup", "repeat"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                raise SystemExit(f"{backend}/{order} failed (exit {proc.returncode})")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    op_counts = [str(n) for n in range(4, 11)] if args.sweep_ops else [args.ops]
+    if args.find_max_batch:
+        results = [find_max_batch(args, backend, order) for order in orders for backend in args.backends.split(",")]
+    else:
+        results = [_run_worker(args, backend, order, ops)
+                   for order in orders for ops in op_counts for backend in args.backends.split(",")]
 
     config = dict(channels=args.channels, layers=args.layers, batch_size=args.batch_size,
-                  image_size=args.image_size, ops=args.ops, warmup=args.warmup, repeat=args.repeat)
-    report = dict(device=device_name(args.device), torch=torch.__version__, config=config, results=results)
-    print(f"device: {report['device']}, torch {report['torch']}")
+                  image_size=args.image_size, ops=",".join(op_counts), warmup=args.warmup, repeat=args.repeat,
+                  warmup_batch=args.warmup_batch)
+    from fastdarts.kernels.backend import kernel_backend
+
+    kernels = kernel_backend(torch.device(args.device))
+    report = dict(device=device_name(args.device), torch=torch.__version__, kernels=kernels, config=config,
+                  results=results)
+    print(f"device: {report['device']}, torch {report['torch']}, fused kernels: {kernels}")
     print(f"config: {config}")
-    print(f"{'order':<7} {'backend':<11} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} "
-          f"{'mem/ref':>8} {'time/ref':>9}")
-    for r in results:
-        ref = next((x for x in results if x["order"] == r["order"] and x["backend"] == "reference"), None)
-        mem = f"{r['peak_memory_bytes'] / ref['peak_memory_bytes']:.3f}" if ref else "-"
-        tim = f"{r['step_seconds'] / ref['step_seconds']:.3f}" if ref else "-"
-        print(f"{r['order']:<7} {r['backend']:<11} {r['num_ops']:>3} {r['peak_memory_bytes'] / 2**20:>9.1f} "
-              f"{r['step_seconds']:>8.3f} {r['images_per_second']:>7.1f} {mem:>8} {tim:>9}")
+    print_table(results)
+    if args.find_max_batch:
+        for r in results:
+            print(f"{r['order']} {r['backend']}: largest batch that fits {r['max_batch_size']}, "
+                  f"{r['images_per_second']:.1f} images/s there")
+    if args.sweep_ops:
+        print_growth(results)
+        if args.plot:
+            plot_sweep(results, args.plot, f"{report['device']}, C={args.channels}, {args.layers} cells, "
+                                           f"batch {args.batch_size}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

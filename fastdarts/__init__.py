@@ -7,16 +7,22 @@ from .data import DATASETS, Dataset, DeviceLoader, ImageSet, load_dataset
 from .errors import FastDartsError
 from .genotype import DARTS_V1, DARTS_V2, GENOTYPES, Genotype, derive_genotype, get_genotype
 from .layout import reduction_layout
+from .kernels.backend import available_backends
 from .mixed_op import MIXED_OP_BACKENDS, MixedOp
 from .ops import DARTS_OPS, EXTENDED_OPS, OP_SETS, OPS, PRIMITIVES, resolve_ops
 from .search_loop import SearchConfig, SearchResult, search
 from .supernet import SearchCell, SearchNetwork
+from .eval_network import NetworkCIFAR, count_parameters, drop_path
+from .evaluate import evaluate_checkpoint, load_original_darts_state_dict, load_trained
+from .train_loop import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Architect", "DATASETS", "Dataset", "DeviceLoader", "ImageSet", "load_dataset", "FastDartsError",
     "DARTS_V1", "DARTS_V2", "GENOTYPES", "Genotype", "derive_genotype", "get_genotype", "reduction_layout",
-    "MIXED_OP_BACKENDS", "MixedOp", "DARTS_OPS", "EXTENDED_OPS", "OP_SETS", "OPS", "PRIMITIVES", "resolve_ops",
+    "available_backends", "MIXED_OP_BACKENDS", "MixedOp", "DARTS_OPS", "EXTENDED_OPS", "OP_SETS", "OPS", "PRIMITIVES", "resolve_ops",
     "SearchConfig", "SearchResult", "search", "SearchCell", "SearchNetwork", "__version__",
+    "NetworkCIFAR", "count_parameters", "drop_path", "evaluate_checkpoint",
+    "load_original_darts_state_dict", "load_trained", "TrainConfig", "TrainResult", "train",
 ]

@@ -33,8 +33,9 @@ class SearchModel(Protocol):
 
 @contextlib.contextmanager
 def frozen(params: Sequence[torch.nn.Parameter]):
-    """No gradient for ``params`` inside: a pass that needs no ∂L/∂α spares
-    autograd from keeping every op output of every mixed op for it."""
+    """No gradient for ``params`` inside: autograd neither keeps nor computes
+    what only their gradient needs (every op output of every mixed op for
+    ∂L/∂α in the weight passes; the weight gradients in the α-only passes)."""
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
@@ -93,8 +94,9 @@ class Architect:
         buffers = [b.detach().clone() for b in self.model.buffers()]
         try:
             if self.order == "first":
-                loss = self.model.loss(x_val, y_val)
-                return _grads(loss, self.model.arch_parameters()), loss.detach()
+                with frozen(self.model.weight_parameters()):
+                    loss = self.model.loss(x_val, y_val)
+                    return _grads(loss, self.model.arch_parameters()), loss.detach()
             return self._second_order(x_train, y_train, x_val, y_val)
         finally:
             with torch.no_grad():
@@ -135,7 +137,10 @@ class Architect:
                 with torch.no_grad():
                     torch._foreach_copy_(weights, saved)
                     torch._foreach_add_(weights, torch._foreach_mul(v, sign * eps))
-                return _grads(model.loss(x_train, y_train), alphas)
+                # Only ∂L/∂α: with w frozen no backward computes a weight
+                # gradient (the fused backend cannot see autograd.grad's pruning).
+                with frozen(weights):
+                    return _grads(model.loss(x_train, y_train), alphas)
 
             g_plus, g_minus = train_alpha_grad(+1.0), train_alpha_grad(-1.0)
             d_alpha = [d - xi * (gp - gm) / (2 * eps) for d, gp, gm in zip(d_alpha, g_plus, g_minus)]

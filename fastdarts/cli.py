@@ -13,6 +13,7 @@ from .errors import FastDartsError
 from .genotype import GENOTYPES, get_genotype
 from .mixed_op import MIXED_OP_BACKENDS
 from .search_loop import SearchConfig, search
+from .train_loop import TrainConfig, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +68,8 @@ def search_parser() -> argparse.ArgumentParser:
     opt.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
     run = p.add_argument_group("run")
     run.add_argument("--backend", choices=list(MIXED_OP_BACKENDS), default=d.backend,
-                     help="how mixed operations are evaluated")
+                     help="mixed-op implementation: fused (memory-lean kernels), reference (the original "
+                          "code's), checkpoint (torch.utils.checkpoint); FASTDARTS_BACKEND picks the kernels")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--out", default=d.out, help="output directory (checkpoint, metrics, genotype, pictures)")
@@ -115,6 +117,197 @@ def genotype_main(argv: Sequence[str] | None = None) -> int:
     except FastDartsError as e:
         print(f"fastdarts-genotype: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _fast_options(group, what: str, bf16_default: bool = True) -> None:
+    """--bf16 / --channels-last, each with its --no- form; unset means on for CUDA, off on the CPU
+    (bf16: off everywhere unless asked for when not ``bf16_default``)."""
+    default = ("on for CUDA devices that support it, off on the CPU" if bf16_default
+               else "off: the accuracy is the float32 one")
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"bf16 autocast for {what} (default: {default})")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels-last memory format (default: on for CUDA, off on the CPU)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = _Parser(
+        prog="fastdarts-train",
+        description="Train a genotype's network from scratch and test it after every epoch. "
+                    "Defaults are the paper's CIFAR-10 evaluation (20 cells, C=36, 600 epochs).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--genotype", default=d.genotype,
+                   help=f"a published genotype ({', '.join(GENOTYPES)}) or a genotype.json from fastdarts-search")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default=d.dataset, choices=["cifar10", "digits"],
+                      help="cifar10 (the whole 50k training set; tested on the 10k test set), or the offline digits")
+    data.add_argument("--data", default=d.data, help="directory holding (or receiving) CIFAR-10")
+    data.add_argument("--download", action="store_true", help="download CIFAR-10 into --data if missing")
+    data.add_argument("--cutout", type=_non_negative_int, default=None,
+                      help="cutout square side in pixels, 0 for none (default: 16 on 32x32 images, "
+                           "the same fraction of other sizes: 4 on digits)")
+    net = p.add_argument_group("network")
+    net.add_argument("--layers", type=_positive_int, default=d.layers,
+                     help="number of cells; reductions at layers//3 and 2*layers//3")
+    net.add_argument("--channels", type=_positive_int, default=d.channels, help="initial channels C")
+    net.add_argument("--no-auxiliary", dest="auxiliary", action="store_false",
+                     help="no auxiliary head (default: one after the cell at 2/3 depth)")
+    net.add_argument("--auxiliary-weight", type=float, default=d.auxiliary_weight)
+    net.add_argument("--drop-path-prob", type=float, default=d.drop_path_prob,
+                     help="drop-path probability p, ramped linearly from 0 in the first epoch to p*(E-1)/E in the "
+                          "last (E = --epochs), as in the original code")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    opt.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    opt.add_argument("--lr", type=float, default=d.lr, help="learning rate (cosine-annealed to --lr-min)")
+    opt.add_argument("--lr-min", type=float, default=d.lr_min)
+    opt.add_argument("--momentum", type=float, default=d.momentum)
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    run = p.add_argument_group("run")
+    _fast_options(run, "training and testing")
+    run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--seed", type=int, default=d.seed)
+    run.add_argument("--out", default=d.out,
+                     help="output directory (checkpoint.pt, best.pt, last.pt, metrics.jsonl, curves.png)")
+    run.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    run.add_argument("--max-steps", type=_positive_int, default=None,
+                     help="cap the train and test steps of each epoch (a quick smoke test)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
+    config = TrainConfig(**vars(args))
+    try:
+        train(config)
+    except (FastDartsError, OSError) as e:  # OSError: an unwritable --out, a full disk
+        print(f"fastdarts-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nfastdarts-train: interrupted; continue with the same command plus --resume "
+              f"(finished epochs are in {config.out}/checkpoint.pt)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fastdarts-eval",
+        description="Test accuracy (top-1, top-5) and parameter count of a trained network: best.pt, last.pt or "
+                    "checkpoint.pt of fastdarts-train, or a state_dict saved by the original DARTS code "
+                    "(then name its --genotype).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="weights file")
+    p.add_argument("--genotype", default=None,
+                   help=f"required for an original DARTS state_dict ({', '.join(GENOTYPES)} or a genotype.json); "
+                        "for a fastdarts file, checked against the one it was trained with")
+    p.add_argument("--channels", type=_positive_int, default=None, help="check the network's initial channels")
+    p.add_argument("--layers", type=_positive_int, default=None, help="check the network's number of cells")
+    p.add_argument("--dataset", default=None, choices=["cifar10", "digits"],
+                   help="test set (default: the one the file was trained on, else cifar10)")
+    p.add_argument("--data", default="./data", help="directory holding (or receiving) CIFAR-10")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data if missing")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    _fast_options(p, "the forward passes", bf16_default=False)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return p
+
+
+def _print_eval(result: dict, path: str) -> None:
+    where = result["source"] + (f", epoch {result['epoch']}" if result.get("epoch") else "")
+    print(f"{path} ({where}): {result['dataset']} test set, {result['images']} images")
+    print(f"test accuracy: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+          f"(error {100 - result['top1']:.2f}%, loss {result['loss']:.4f})")
+    print(f"parameters: {result['parameters'] / 1e6:.2f} M ({result['parameters']:,}; "
+          f"{result['parameters_with_auxiliary']:,} with the auxiliary head)")
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    from .evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, genotype=args.genotype, channels=args.channels,
+                                     layers=args.layers, dataset=args.dataset, data=args.data,
+                                     download=args.download, batch_size=args.batch_size, device=args.device,
+                                     bf16=args.bf16, channels_last=args.channels_last)
+    except (FastDartsError, OSError) as e:
+        print(f"fastdarts-eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfastdarts-eval: interrupted", file=sys.stderr)
+        return 130
+    _print_eval(result, args.checkpoint)
+    return 0
+
+
+# The offline demo of the whole method: small enough for a few minutes on one CPU core.
+PIPELINE_SEARCH = dict(dataset="digits", layout="N,R,N", layers=None, channels=8, ops="darts", batch_size=64)
+PIPELINE_TRAIN = dict(dataset="digits", layers=8, channels=16)
+
+
+def pipeline_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fastdarts-pipeline",
+        description="The whole DARTS method offline on the digits data set: search a cell (layout N,R,N, C=8), "
+                    "train the derived network from scratch (8 cells, C=16, otherwise the paper's recipe) and "
+                    "evaluate it on the test set. For CIFAR-10 run fastdarts-search, fastdarts-train and "
+                    "fastdarts-eval (see the README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/pipeline", help="output directory (search/ and train/ inside)")
+    p.add_argument("--search-epochs", type=_positive_int, default=4)
+    p.add_argument("--order", choices=["first", "second"], default="second", help="architecture gradient")
+    p.add_argument("--train-epochs", type=_positive_int, default=10)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def pipeline_main(argv: Sequence[str] | None = None) -> int:
+    args = pipeline_parser().parse_args(argv)
+    import time
+    from pathlib import Path
+
+    from .evaluate import evaluate_checkpoint
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    common = dict(device=args.device, seed=args.seed, progress=args.progress)
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise FastDartsError(f"--out {out} is not empty; choose another directory")
+        print(f"== 1/3 search ({args.search_epochs} epochs, {args.order} order) -> {out / 'search'}")
+        searched = search(SearchConfig(**PIPELINE_SEARCH, epochs=args.search_epochs, order=args.order,
+                                       out=str(out / "search"), **common))
+        print(f"== 2/3 train the derived network from scratch ({args.train_epochs} epochs) -> {out / 'train'}")
+        trained = train(TrainConfig(**PIPELINE_TRAIN, genotype=str(searched.out / "genotype.json"),
+                                    epochs=args.train_epochs, out=str(out / "train"), **common))
+        print(f"== 3/3 evaluate {trained.out / 'last.pt'}")
+        result = evaluate_checkpoint(trained.out / "last.pt", device=args.device)
+    except (FastDartsError, OSError) as e:
+        print(f"fastdarts-pipeline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfastdarts-pipeline: interrupted", file=sys.stderr)
+        return 130
+    _print_eval(result, str(trained.out / "last.pt"))
+    print(f"pipeline: search -> train -> eval on digits took {time.perf_counter() - start:.0f} s; "
+          f"final test accuracy {result['top1']:.2f}%")
     return 0
 
 

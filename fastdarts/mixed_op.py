@@ -11,8 +11,11 @@ evaluated is a backend, chosen by name:
   for the recompute (fairscale's ``patch_batchnorm`` idea), keeping the
   statistics identical to ``reference``.
 
-A backend is a function ``(mixed_op, x, weights) -> y``; later backends (the
-fused kernels) register themselves in ``MIXED_OP_BACKENDS``.
+- ``fused``: one autograd Function per edge that keeps no op activations and
+  recomputes the ops one at a time in backward, with the fused BN kernels
+  (``fused_mixed_op.py``, ``kernels/``). The default.
+
+A backend is a function ``(mixed_op, x, weights) -> y`` in ``MIXED_OP_BACKENDS``.
 """
 from __future__ import annotations
 
@@ -24,13 +27,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import FastDartsError
+from .fused_mixed_op import mixed_op_fused
 from .ops import OPS
+
+DEFAULT_BACKEND = "fused"
 
 
 class MixedOp(nn.Module):
     """One supernet edge: every candidate op, mixed by the softmax weights."""
 
-    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = "reference"):
+    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.op_names = tuple(op_names)
         self.stride = stride
@@ -92,6 +98,7 @@ MixedOpBackend = Callable[[MixedOp, torch.Tensor, torch.Tensor], torch.Tensor]
 MIXED_OP_BACKENDS: dict[str, MixedOpBackend] = {
     "reference": mixed_op_reference,
     "checkpoint": mixed_op_checkpoint,
+    "fused": mixed_op_fused,
 }
 
 

@@ -11,16 +11,11 @@ from a generator seeded by (seed, epoch), not from state that a crash loses.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +24,9 @@ from .data import DeviceLoader, load_dataset
 from .errors import FastDartsError
 from .genotype import Genotype
 from .layout import layout_string, reduction_layout
-from .mixed_op import check_backend
+from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
+from .run_utils import cosine_lr, read_torch, resolve_device, save_torch, seed_everything, write_jsonl
 from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,7 +56,7 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     order: str = "second"
     train_portion: float = 0.5
-    backend: str = "reference"
+    backend: str = DEFAULT_BACKEND
     device: str = "auto"
     seed: int = 2
     out: str = "runs/search"
@@ -113,42 +109,6 @@ class SearchResult:
     history: list[dict]
     out: Path
     model: SearchNetwork = field(repr=False)
-
-
-def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
-    """The weights' learning rate in ``epoch`` (0-based): cosine from ``lr`` to
-    ``lr_min``, as CosineAnnealingLR stepped at the start of each epoch."""
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise FastDartsError(f"unknown device {name!r} ({e})") from None
-    if device.type not in ("cpu", "cuda"):
-        raise FastDartsError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastDartsError(f"device {name!r} asked for, but this torch sees no CUDA device")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file, flush it to disk, then rename it over
-    ``path``: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def genotype_line(genotype: Genotype) -> str:
@@ -229,14 +189,11 @@ class _Searcher:
                      model=self.model.state_dict(),
                      weight_optimizer=self.weight_optimizer.state_dict(),
                      arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
-        _atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
+        save_torch(self.checkpoint_path, state)
 
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which, not where in torch it broke
-            raise FastDartsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        state = read_torch(path, self.device)  # a truncated or foreign file: one line naming it
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
         ours = self.config.result_defining()
@@ -254,8 +211,7 @@ class _Searcher:
         self.log(f"resumed from {path} after epoch {len(self.history)}/{self.config.epochs}")
 
     def _write_metrics(self) -> None:
-        lines = "".join(json.dumps(entry) + "\n" for entry in self.history)
-        _atomic_write(self.out / "metrics.jsonl", lambda p: p.write_text(lines))
+        write_jsonl(self.out / "metrics.jsonl", self.history)
 
     # -- one epoch ----------------------------------------------------------
     def _steps(self, loader: DeviceLoader) -> int:
@@ -328,8 +284,9 @@ class _Searcher:
             entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=self.model.alpha_weights(),
                          seconds=time.perf_counter() - start)
             self.history.append(entry)
-            self._save_checkpoint()
+            # Metrics first: a crash between the two never leaves a checkpoint newer than them.
             self._write_metrics()
+            self._save_checkpoint()
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
                      f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
                      f"reduce {entropy['reduce']:.4f}  {entry['seconds']:.1f}s\n  genotype {genotype_line(genotype)}")

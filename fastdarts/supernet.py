@@ -18,7 +18,8 @@ from torch import nn
 from .errors import FastDartsError
 from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
-from .mixed_op import MixedOp, check_backend
+from .fused_mixed_op import fused_preprocess
+from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
 
@@ -42,7 +43,12 @@ class SearchCell(nn.Module):
             for i in range(steps) for j in range(2 + i))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        if self.edges[0].backend == "fused":
+            # The preprocessing's ReLU and conv outputs are the largest
+            # activations left once the edges keep none: recompute them too.
+            states = [fused_preprocess(self.preprocess0, s0), fused_preprocess(self.preprocess1, s1)]
+        else:
+            states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.steps):
             s = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
@@ -68,7 +74,7 @@ class SearchNetwork(nn.Module):
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
-                 in_channels: int = 3, backend: str = "reference"):
+                 in_channels: int = 3, backend: str = DEFAULT_BACKEND):
         super().__init__()
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
                             ("multiplier", multiplier), ("stem_multiplier", stem_multiplier),

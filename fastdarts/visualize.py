@@ -413,3 +413,45 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
     fig.text(0.5, 0.1 / height, "op weight softmax(α) per edge; a thick frame marks an edge the last epoch keeps, "
              "in the colour of the op it keeps", ha="center", va="bottom", fontsize=8, color="#444444")
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- training curves
+
+def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Loss and top-1 accuracy per epoch, train and test, of a training run
+    (``metrics.jsonl`` entries of ``fastdarts-train``), with the learning rate
+    on a second axis of the loss panel. The train figures are over the
+    augmented, drop-path batches in training mode, so they sit below the test
+    ones early on; a gap that widens late is overfitting."""
+    if isinstance(history, (str, bytes, dict)) or not isinstance(history, Sequence) or not history:
+        raise FastDartsError("history must be a non-empty list with one metrics entry per epoch")
+    keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
+    for k, entry in enumerate(history):
+        missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise FastDartsError(f"history entry {k} lacks {', '.join(missing)}")
+    epochs = [h["epoch"] for h in history]
+    marker = "o" if len(epochs) == 1 else None
+    fig = _figure((10.0, 3.8))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.07, right=0.93, bottom=0.14, top=0.88, wspace=0.32)
+    for ax, metric, label in ((loss_ax, "loss", "cross-entropy"), (acc_ax, "acc", "top-1 accuracy (%)")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], color="#1f77b4", marker=marker, label="train (augmented)")
+        ax.plot(epochs, [h[f"test_{metric}"] for h in history], color="#d62728", marker=marker, label="test")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.legend(fontsize=8, loc="best")
+    if all("lr" in h for h in history):
+        lr_ax = loss_ax.twinx()
+        lr_ax.plot(epochs, [h["lr"] for h in history], color="#7f7f7f", lw=1, linestyle=(0, (3, 2)),
+                   marker=marker)
+        lr_ax.set_ylabel("learning rate (dashed)", color="#555555", fontsize=8)
+        lr_ax.tick_params(labelsize=7, colors="#555555")
+    last = history[-1]
+    best = max(history, key=lambda h: h["test_acc"])
+    acc_ax.set_title(f"last {last['test_acc']:.2f}%  (best {best['test_acc']:.2f}% at epoch {best['epoch']})",
+                     fontsize=9)
+    loss_ax.set_title("loss (learning rate dashed)", fontsize=9)
+    fig.suptitle("training from scratch", fontsize=12, fontweight="bold")
+    return _save(fig, path)

@@ -120,3 +120,27 @@ def test_plot_alpha_history_single_epoch_and_other_spaces(tmp_path):
 def test_plot_alpha_history_rejects_bad_history(tmp_path, hist, pattern):
     with pytest.raises(FastDartsError, match=pattern):
         plot_alpha_history(hist, DARTS_OPS, 4, tmp_path / "x.png")
+
+
+def _training_history(epochs):
+    return [dict(epoch=e + 1, lr=0.025 * (1 - e / epochs), train_loss=2.0 / (e + 1), test_loss=2.2 / (e + 1),
+                 train_acc=30.0 + 5 * e, test_acc=25.0 + 6 * e) for e in range(epochs)]
+
+
+@pytest.mark.parametrize("epochs", [1, 12])
+def test_plot_learning_curves(tmp_path, epochs):
+    from fastdarts.visualize import plot_learning_curves
+
+    rgb = read_png(plot_learning_curves(_training_history(epochs), tmp_path / "curves.png"))
+    assert has_colour(rgb, "#1f77b4") and has_colour(rgb, "#d62728")  # train and test lines
+
+
+@pytest.mark.parametrize("hist, pattern", [
+    ([], "non-empty list"),
+    ([{"epoch": 1, "train_loss": 1.0}], "history entry 0 lacks test_loss, train_acc, test_acc"),
+])
+def test_plot_learning_curves_rejects_bad_history(tmp_path, hist, pattern):
+    from fastdarts.visualize import plot_learning_curves
+
+    with pytest.raises(FastDartsError, match=pattern):
+        plot_learning_curves(hist, tmp_path / "x.png")

@@ -1,0 +1,265 @@
+"""Test accuracy of a trained network, and loading trained weights.
+
+``evaluate`` runs a network over a loader in eval mode (no drop path, no
+auxiliary head) and returns loss, top-1 and top-5 accuracy. ``load_trained``
+rebuilds a ``NetworkCIFAR`` from a file written by ``fastdarts-train``
+(``best.pt``, ``last.pt`` or ``checkpoint.pt``: each records the network it
+belongs to) or from a state_dict saved by the original DARTS code (which
+records nothing, so the genotype must be named; width, depth, classes and the
+auxiliary head are read off the tensors). ``load_original_darts_state_dict``
+is the converter for the latter; names are the same as the original's
+``NetworkCIFAR`` by construction, so it only unwraps containers:
+
+- a checkpoint dict holding the weights under ``state_dict`` (the original's
+  ``save_checkpoint``) or ``model``;
+- the ``module.`` prefix that ``nn.DataParallel`` adds to every name;
+- BatchNorm ``num_batches_tracked`` buffers, absent from files written by
+  PyTorch < 0.4.1 (the released DARTS model), added as 0 (they only matter
+  with ``momentum=None``, which neither code uses).
+
+Such files are in PyTorch's legacy (non-zip) format and may hold CUDA
+tensors; ``torch.load(weights_only=True)`` reads the legacy format, and every
+file is loaded onto the CPU (``map_location``) first, so they load on a
+machine without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .errors import FastDartsError
+from .eval_network import NetworkCIFAR, count_parameters
+from .genotype import Genotype
+from .run_utils import read_torch, resolve_device, resolve_fast_options
+
+WEIGHTS_FORMAT = "fastdarts-weights/1"
+TRAIN_CHECKPOINT_FORMAT = "fastdarts-train-checkpoint/1"
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device`` when asked, else nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, bf16: bool = False,
+             channels_last: bool = False, max_steps: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy and top-1 / top-5 accuracy (percent) of ``model``
+    over ``batches``, in eval mode; the model's mode is restored afterwards.
+    Sums stay on the device until the end: one synchronisation per call."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct1 = torch.zeros((), device=device, dtype=torch.long)
+    correct5 = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    try:
+        for step, (x, y) in enumerate(batches):
+            if max_steps is not None and step >= max_steps:
+                break
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, bf16):
+                out = model(x)
+            logits = (out[0] if isinstance(out, tuple) else out).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == y[:, None]
+            correct1 += hits[:, 0].sum()
+            correct5 += hits.any(dim=1).sum()
+            seen += len(y)
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise FastDartsError("nothing to evaluate: the test set is empty")
+    return dict(loss=loss_sum.item() / seen, top1=100 * correct1.item() / seen, top5=100 * correct5.item() / seen,
+                images=seen)
+
+
+# ---------------------------------------------------------------- loading weights
+
+def load_original_darts_state_dict(obj: Any) -> "OrderedDict[str, torch.Tensor]":
+    """A state_dict saved by the original DARTS code (or a checkpoint dict or
+    DataParallel wrapper around one) as a state_dict that ``NetworkCIFAR``
+    loads by name. See the module docstring for what is converted."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise FastDartsError("not a state_dict: expected a dict of parameter names to tensors")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise FastDartsError(f"not a state_dict: entry {bad[0]!r} is not a named tensor")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    state = OrderedDict((k, v) for k, v in obj.items())
+    for key in list(state):
+        if key.endswith(".running_mean"):
+            tracked = key[: -len("running_mean")] + "num_batches_tracked"
+            state.setdefault(tracked, torch.tensor(0, dtype=torch.long))
+    return state
+
+
+def _infer_spec(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """Channels, depth, classes and auxiliary head of an original state_dict, from its tensors."""
+    try:
+        stem = state["stem.0.weight"]
+        classifier = state["classifier.weight"]
+    except KeyError as e:
+        raise FastDartsError(f"{path} is not the state_dict of a DARTS NetworkCIFAR: it has no {e.args[0]}") from None
+    if stem.dim() != 4 or stem.shape[0] % 3:
+        raise FastDartsError(f"{path}: stem.0.weight has shape {tuple(stem.shape)}, expected [3*C, in_channels, 3, 3]")
+    cells = {int(k.split(".")[1]) for k in state if k.startswith("cells.") and k.split(".")[1].isdigit()}
+    if not cells:
+        raise FastDartsError(f"{path} is not the state_dict of a DARTS NetworkCIFAR: it has no cells")
+    return dict(channels=stem.shape[0] // 3, in_channels=stem.shape[1], layers=max(cells) + 1,
+                num_classes=classifier.shape[0], auxiliary=any(k.startswith("auxiliary_head.") for k in state))
+
+
+def _check_fit(model: NetworkCIFAR, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """load_state_dict's complaints as one line that names the first few."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if names:
+            problems.append(f"{len(names)} tensor(s) {label} (first: {names[0]})")
+    if problems:
+        raise FastDartsError(f"weights in {path} do not fit {what}: {'; '.join(problems)}")
+
+
+@dataclass
+class LoadedNetwork:
+    model: NetworkCIFAR
+    source: str                 # "fastdarts" or "original DARTS state_dict"
+    dataset: str | None         # the data set it was trained on, where the file says
+    epoch: int | None
+
+
+def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels: int | None = None,
+                 layers: int | None = None, image_size: int | None = None,
+                 map_location: torch.device | str = "cpu") -> LoadedNetwork:
+    """The network of a weights file, with its weights.
+
+    ``genotype``, ``channels``, ``layers``: for a fastdarts file, checks that
+    the file is for them (None: take the file's); for an original DARTS
+    state_dict, ``genotype`` is required and the others are checked against
+    the tensors. ``image_size`` (default: the file's, else 32) only decides the
+    auxiliary head's pooling.
+    """
+    path = Path(path)
+    obj = read_torch(path, map_location, what="weights file")
+    if isinstance(obj, Mapping) and obj.get("format") in (WEIGHTS_FORMAT, TRAIN_CHECKPOINT_FORMAT):
+        # A damaged or hand-edited file: one line saying what is wrong, not a KeyError from deep inside.
+        weights_key = "state_dict" if obj["format"] == WEIGHTS_FORMAT else "model"
+        spec, state = obj.get("network"), obj.get(weights_key)
+        if not isinstance(spec, Mapping):
+            raise FastDartsError(f"{path} is a damaged fastdarts file: its 'network' entry is "
+                                 f"{'missing' if spec is None else 'not a dict'}")
+        if (not isinstance(state, Mapping) or not state
+                or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+            raise FastDartsError(f"{path} is a damaged fastdarts file: its {weights_key!r} entry is "
+                                 f"{'missing' if state is None else 'not a state_dict'}")
+        spec = dict(spec)
+        if image_size is not None:
+            spec["image_size"] = image_size
+        try:
+            model = NetworkCIFAR.from_spec(spec)
+        except FastDartsError as e:
+            raise FastDartsError(f"{path} is a damaged fastdarts file: {e}") from None
+        if genotype is not None and genotype != model.genotype:
+            raise FastDartsError(f"{path} was trained for another genotype than the one given "
+                                 f"(its own: {model.genotype.to_dict()}); omit --genotype to use the file's")
+        for name, value in (("channels", channels), ("layers", layers)):
+            if value is not None and value != spec[name]:
+                raise FastDartsError(f"{path} holds a network with {name}={spec[name]}, not {value}")
+        _check_fit(model, state, path, "the network it describes")
+        model.load_state_dict(state)
+        history = obj.get("history")
+        epoch = obj.get("epoch") if obj["format"] == WEIGHTS_FORMAT else (
+            len(history) if isinstance(history, list) else None)
+        return LoadedNetwork(model, "fastdarts", obj.get("dataset"), epoch)
+
+    if isinstance(obj, Mapping) and "format" in obj and isinstance(obj.get("format"), (str, int)):
+        raise FastDartsError(f"{path} is a fastdarts file of another kind ({obj['format']!r}), not trained weights")
+    try:
+        state = load_original_darts_state_dict(obj)
+    except FastDartsError as e:
+        raise FastDartsError(f"{path}: {e}") from None
+    if genotype is None:
+        raise FastDartsError(f"{path} is a plain state_dict (the original DARTS code's format), which does not say "
+                             f"its genotype: pass --genotype (e.g. DARTS_V2)")
+    spec = _infer_spec(state, path)
+    for name, value in (("channels", channels), ("layers", layers)):
+        if value is not None and value != spec[name]:
+            raise FastDartsError(f"{path} holds a network with {name}={spec[name]}, not {value}")
+    model = NetworkCIFAR(genotype, C=spec["channels"], num_classes=spec["num_classes"], layers=spec["layers"],
+                         auxiliary=spec["auxiliary"], in_channels=spec["in_channels"],
+                         image_size=image_size or 32)
+    _check_fit(model, state, path, f"the given genotype at C={spec['channels']}, {spec['layers']} layers")
+    model.load_state_dict(state)
+    return LoadedNetwork(model, "original DARTS state_dict", None, None)
+
+
+def parameter_counts(model: NetworkCIFAR) -> dict[str, int]:
+    return dict(parameters=count_parameters(model), parameters_with_auxiliary=count_parameters(model, True))
+
+
+def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = None, channels: int | None = None,
+                        layers: int | None = None, dataset: str | None = None, data: str = "./data",
+                        download: bool = False, batch_size: int = 256, device: str = "auto",
+                        bf16: bool | None = None, channels_last: bool | None = None,
+                        max_steps: int | None = None) -> dict[str, Any]:
+    """Test accuracy (top-1, top-5, percent), loss and parameter counts of the
+    network in ``path`` (see ``load_trained``) on ``dataset``'s test set
+    (default: the one it was trained on, else CIFAR-10). The forward passes
+    run in float32 unless ``bf16=True``: the reported accuracy is the fp32
+    one even for a network trained under bf16 autocast. ``channels_last``
+    defaults to on for CUDA and off on the CPU, as in training (it changes
+    only the memory layout)."""
+    from .data import DeviceLoader, load_dataset
+    from .genotype import get_genotype
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise FastDartsError(f"batch-size must be a positive integer, got {batch_size!r}")
+    target = resolve_device(device)
+    if isinstance(genotype, str):
+        genotype = get_genotype(genotype)
+    loaded = load_trained(path, genotype=genotype, channels=channels, layers=layers, map_location="cpu")
+    model, spec = loaded.model, loaded.model.spec()
+    name = dataset or loaded.dataset or "cifar10"
+    data_set = load_dataset(name, data, download=download)
+    shape = (spec["in_channels"], spec["num_classes"])
+    if (data_set.in_channels, data_set.num_classes) != shape:
+        raise FastDartsError(
+            f"{path} holds a network for {shape[0]}-channel images and {shape[1]} classes, but {name} has "
+            f"{data_set.in_channels}-channel images and {data_set.num_classes} classes")
+    if loaded.source == "fastdarts" and data_set.image_size != spec["image_size"]:
+        raise FastDartsError(f"{path} was trained on {spec['image_size']}x{spec['image_size']} images, but {name}'s "
+                             f"are {data_set.image_size}x{data_set.image_size}")
+    if loaded.source != "fastdarts" and data_set.image_size != spec["image_size"]:
+        model = NetworkCIFAR.from_spec({**spec, "image_size": data_set.image_size})
+        model.load_state_dict(loaded.model.state_dict())
+    bf16, channels_last = resolve_fast_options(target, bf16, channels_last, bf16_default=False)
+    model = model.to(target)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DeviceLoader(data_set.test, batch_size, device=target, mean=data_set.mean, std=data_set.std,
+                          shuffle=False)
+    result = evaluate(model, loader.epoch(0), bf16=bf16, channels_last=channels_last, max_steps=max_steps)
+    return dict(result, **parameter_counts(model), dataset=name, source=loaded.source, epoch=loaded.epoch,
+                network=spec, bf16=bf16, channels_last=channels_last, device=str(target))

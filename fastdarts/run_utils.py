@@ -1,0 +1,96 @@
+"""Helpers shared by the long-running loops (search and training from scratch).
+
+Both loops pick a device the same way, anneal the learning rate the same way,
+seed the global generators the same way and write their checkpoints and logs
+atomically; keeping these in one place keeps the two loops' behaviour (and
+their error messages) identical.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .errors import FastDartsError
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    """The weights' learning rate in ``epoch`` (0-based): cosine from ``lr`` to
+    ``lr_min``, as CosineAnnealingLR stepped at the start of each epoch."""
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise FastDartsError(f"unknown device {name!r} ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FastDartsError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastDartsError(f"device {name!r} asked for, but this torch sees no CUDA device")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_fast_options(device: torch.device, bf16: bool | None, channels_last: bool | None, *,
+                         bf16_default: bool = True) -> tuple[bool, bool]:
+    """``(bf16, channels_last)`` with None resolved to the default for ``device``:
+    channels-last on for CUDA, off on the CPU; bf16 likewise (where the GPU
+    supports it) when ``bf16_default``, else off unless asked for."""
+    cuda = device.type == "cuda"
+    if bf16 is None:
+        bf16 = bf16_default and cuda and torch.cuda.is_bf16_supported()
+    return bool(bf16), (cuda if channels_last is None else bool(channels_last))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary file, flush it to disk, then rename it over
+    ``path``: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_torch(path: Path, obj) -> None:
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def write_jsonl(path: Path, entries: Iterable[dict]) -> None:
+    """One JSON object per line, written atomically (the whole history each time)."""
+    lines = "".join(json.dumps(entry) + "\n" for entry in entries)
+    atomic_write(path, lambda p: p.write_text(lines))
+
+
+def read_torch(path: str | Path, map_location: torch.device | str = "cpu", what: str = "checkpoint"):
+    """``torch.load(weights_only=True)`` with a one-line error naming the file:
+    a missing, truncated or foreign file says which, not where in torch it broke.
+
+    ``map_location`` (default the CPU) is where every tensor lands, so a file
+    saved from CUDA tensors loads on a machine without a GPU. Files in the
+    legacy (pre-1.6, non-zip) format, such as the original DARTS release
+    written by PyTorch 0.3/0.4, load too: ``weights_only=True`` reads both
+    formats, and a plain dict of tensors needs nothing outside its allow-list."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastDartsError(f"no {what} at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise FastDartsError(f"cannot read {what} {path}: {type(e).__name__}: {e}".splitlines()[0]) from None

@@ -1,0 +1,351 @@
+"""Training a genotype's network from scratch: ``train(...)`` and its configuration (SPEC §4).
+
+The paper's recipe: SGD (lr 0.025 cosine-annealed to 0, momentum 0.9, weight
+decay 3e-4, gradient-norm clip 5), batch 96, 600 epochs, the auxiliary head's
+loss weighted 0.4, drop path ramped linearly from 0 to 0.2 over the epochs,
+random crop + flip + cutout 16 on the whole training set, test accuracy after
+every epoch.
+
+After every epoch the run writes ``checkpoint.pt`` (everything a resume needs,
+written atomically), ``last.pt`` (the weights, with the network they belong
+to), ``best.pt`` when the test accuracy improved, and ``metrics.jsonl``; at the
+end ``curves.png``. A resumed run ends with the same weights as an
+uninterrupted one (bit for bit on the CPU) because every random draw of an
+epoch (shuffling, crops, flips, cutout, drop-path masks) comes from a
+generator seeded by (seed, epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import DeviceLoader, load_dataset
+from .data.loader import mix_seed
+from .errors import FastDartsError
+from .eval_network import NetworkCIFAR, count_parameters
+from .evaluate import TRAIN_CHECKPOINT_FORMAT, WEIGHTS_FORMAT, autocast, evaluate
+from .genotype import Genotype, get_genotype
+from .layout import reduction_layout
+from .run_utils import (cosine_lr, read_torch, resolve_device, resolve_fast_options, save_torch, seed_everything,
+                        write_jsonl)
+
+CHECKPOINT = "checkpoint.pt"
+# Pass number of the drop-path generator in mix_seed; the loader's passes are 0, 1, ...
+_DROP_PATH_PASS = 1 << 20
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; the defaults are the paper's (SPEC §4)."""
+    genotype: str | Genotype = "DARTS_V2"   # a published name, a genotype.json path, or a Genotype
+    dataset: str = "cifar10"
+    data: str = "./data"
+    download: bool = False
+    layers: int = 20
+    channels: int = 36
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path_prob: float = 0.2
+    cutout: int | None = None       # None: 16 px on 32 px images, scaled to the data set's image size
+    batch_size: int = 96
+    epochs: int = 600
+    lr: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    bf16: bool | None = None        # None: on for CUDA devices with bf16 support, off on the CPU
+    channels_last: bool | None = None  # None: on for CUDA, off on the CPU
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+    max_steps: int | None = None    # cap on train and test steps per epoch, for smoke tests
+    progress: bool = True
+
+    # Fields that do not change what a run computes (channels_last only in the
+    # last bits of float rounding): a resumed run may differ in these.
+    RUNTIME_ONLY = ("data", "download", "device", "out", "resume", "progress", "channels_last")
+
+    def checked(self) -> "TrainConfig":
+        """A validated copy with the genotype resolved to a ``Genotype``, so
+        bad input fails before any data is touched and the same genotype named
+        two ways (``DARTS_V2`` or its JSON file) compares equal on resume."""
+        positive = dict(layers=self.layers, channels=self.channels, batch_size=self.batch_size, epochs=self.epochs)
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise FastDartsError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.cutout is not None and (isinstance(self.cutout, bool) or not isinstance(self.cutout, int)
+                                        or self.cutout < 0):
+            raise FastDartsError(f"cutout must be a non-negative integer (0: none), got {self.cutout!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise FastDartsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        for name in ("lr_min", "momentum", "weight_decay", "auxiliary_weight"):
+            if not getattr(self, name) >= 0:
+                raise FastDartsError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)!r}")
+        if self.lr_min > self.lr:
+            raise FastDartsError(f"lr-min ({self.lr_min!r}) must not exceed lr ({self.lr!r}): the schedule anneals "
+                                 f"from lr down to lr-min")
+        if self.auxiliary and self.batch_size == 1:
+            raise FastDartsError("batch-size 1 cannot train the auxiliary head (its BatchNorm sees 1x1 maps, one "
+                                 "value per channel): use a larger batch or --no-auxiliary")
+        if not 0 <= self.drop_path_prob < 1:
+            raise FastDartsError(f"drop-path-prob must be in [0, 1), got {self.drop_path_prob!r}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
+        genotype = self.genotype if isinstance(self.genotype, Genotype) else get_genotype(self.genotype)
+        return dataclasses.replace(self, genotype=genotype)
+
+    def result_defining(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.RUNTIME_ONLY}
+        d["genotype"] = self.genotype.to_dict()
+        return d
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    out: Path
+    test_acc: float                 # after the last epoch: the figure to report
+    best_test_acc: float            # the best epoch's, chosen on the test set: optimistic
+    parameters: int                 # without the auxiliary head, as the paper counts
+    model: NetworkCIFAR = field(repr=False)
+
+
+def default_cutout(image_size: int) -> int:
+    """The paper's 16 px cutout on 32 px CIFAR-10, as the same fraction of other image sizes."""
+    return 16 * image_size // 32
+
+
+def train_step(model: NetworkCIFAR, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               auxiliary_weight: float, grad_clip: float, bf16: bool):
+    """One SGD step on a batch; returns the main head's logits and loss and
+    the auxiliary loss (None without the head), detached."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(x.device, bf16):
+        logits, logits_aux = model(x)
+    # Losses in float32 whatever the forward ran in.
+    loss = F.cross_entropy(logits.float(), y)
+    total = loss
+    aux_loss = None
+    if logits_aux is not None:
+        aux_loss = F.cross_entropy(logits_aux.float(), y)
+        total = loss + auxiliary_weight * aux_loss
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return logits.detach(), loss.detach(), None if aux_loss is None else aux_loss.detach()
+
+
+class _Trainer:
+    """The state of one training run; ``train()`` drives it."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None]):
+        config = config.checked()
+        self.log = log
+        self.device = resolve_device(config.device)
+        bf16, channels_last = resolve_fast_options(self.device, config.bf16, config.channels_last)
+        config = dataclasses.replace(config, bf16=bf16, channels_last=channels_last)
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / CHECKPOINT
+        if self.out.exists() and not self.out.is_dir():
+            raise FastDartsError(f"--out {self.out} is a file, not a directory")
+        if self.checkpoint_path.exists() and not config.resume:
+            raise FastDartsError(f"{self.out} already holds a training checkpoint; pass --resume to continue it"
+                                 f" or choose another --out")
+        if config.resume and not self.checkpoint_path.exists():
+            raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
+
+        seed_everything(config.seed)
+        dataset = load_dataset(config.dataset, config.data, download=config.download)
+        reductions = sum(reduction_layout(config.layers))
+        if dataset.image_size < 2 ** reductions:
+            raise FastDartsError(
+                f"{config.layers} layers have {reductions} reduction cells, but {dataset.image_size}x"
+                f"{dataset.image_size} {config.dataset} images allow at most {dataset.image_size.bit_length() - 1}")
+        if config.cutout is None:
+            config = dataclasses.replace(config, cutout=default_cutout(dataset.image_size))
+        self.config = config
+        self.dataset_name = dataset.name
+        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std)
+        self.train_loader = DeviceLoader(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
+                                         crop_padding=dataset.crop_padding, flip=dataset.flip, cutout=config.cutout,
+                                         drop_last=self.drops_last_batch(len(dataset.train), config.batch_size),
+                                         **loader)
+        self.test_loader = DeviceLoader(dataset.test, config.batch_size, shuffle=False, **loader)
+
+        self.model = NetworkCIFAR(config.genotype, C=config.channels, num_classes=dataset.num_classes,
+                                  layers=config.layers, auxiliary=config.auxiliary, in_channels=dataset.in_channels,
+                                  image_size=dataset.image_size).to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.parameters = count_parameters(self.model)
+        self.history: list[dict] = []
+        self.log(f"network: {config.layers} cells, C={config.channels}, {self.parameters / 1e6:.2f} M parameters"
+                 f" ({count_parameters(self.model, True) / 1e6:.2f} M with the auxiliary head); "
+                 f"{len(dataset.train)} training / {len(dataset.test)} test images of {dataset.name}; "
+                 f"device {self.device}, bf16 {'on' if config.bf16 else 'off'}, "
+                 f"channels-last {'on' if config.channels_last else 'off'}")
+        if config.resume:
+            self._load_checkpoint()
+
+    @staticmethod
+    def drops_last_batch(n_train: int, batch_size: int) -> bool:
+        """Whether the training loader drops its last batch: only when that
+        batch would hold a single image, which BatchNorm cannot normalise in
+        training (the auxiliary head's maps are 1x1, so one image is one value
+        per channel). Other short last batches are kept, as the original does."""
+        return n_train > batch_size and n_train % batch_size == 1
+
+    # -- files --------------------------------------------------------------
+    def _weights(self, entry: dict) -> dict:
+        return dict(format=WEIGHTS_FORMAT, network=self.model.spec(), dataset=self.dataset_name,
+                    epoch=entry["epoch"], test_acc=entry["test_acc"],
+                    state_dict={k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()})
+
+    def _save(self, entry: dict) -> None:
+        state = dict(format=TRAIN_CHECKPOINT_FORMAT, config=self.config.result_defining(),
+                     device_type=self.device.type, network=self.model.spec(), dataset=self.dataset_name,
+                     model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), history=self.history)
+        weights = self._weights(entry)
+        save_torch(self.out / "last.pt", weights)
+        # Strictly better than every earlier epoch: best.pt is the first best epoch, as _finish reports.
+        if entry["test_acc"] > max((h["test_acc"] for h in self.history[:-1]), default=float("-inf")):
+            save_torch(self.out / "best.pt", weights)
+        # metrics.jsonl, then the checkpoint last: a crash between them never leaves a checkpoint newer
+        # than the metrics, and the resumed epoch rewrites the same files.
+        write_jsonl(self.out / "metrics.jsonl", self.history)
+        save_torch(self.checkpoint_path, state)
+
+    def _load_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        state = read_torch(path, self.device)
+        if not isinstance(state, dict) or state.get("format") != TRAIN_CHECKPOINT_FORMAT:
+            raise FastDartsError(f"{path} is not a fastdarts training checkpoint")
+        ours, theirs = self.config.result_defining(), state["config"]
+        diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items()
+                if theirs.get(k) != v and k != "genotype"]
+        if theirs.get("genotype") != ours["genotype"]:
+            diff.insert(0, "genotype differs")
+        # CPU and CUDA generators draw different crops, masks and shuffles from the same seed.
+        if state.get("device_type") != self.device.type:
+            diff.append(f"device type: checkpoint {state.get('device_type')!r} vs now {self.device.type!r}")
+        if diff:
+            raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        self.log(f"resumed from {path} after epoch {len(self.history)}/{self.config.epochs}")
+
+    # -- one epoch ----------------------------------------------------------
+    def _steps(self, loader: DeviceLoader) -> int:
+        cap = self.config.max_steps
+        return len(loader) if cap is None else min(cap, len(loader))
+
+    def _train_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, model = self.config, self.model
+        model.train()
+        model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(mix_seed(cfg.seed, epoch, _DROP_PATH_PASS))
+        model.drop_path_generator = generator
+        n_steps = self._steps(self.train_loader)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        try:
+            for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+                if step >= n_steps:
+                    break
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits, loss, aux_loss = train_step(model, self.optimizer, x, y, auxiliary_weight=cfg.auxiliary_weight,
+                                                    grad_clip=cfg.grad_clip, bf16=cfg.bf16)
+                loss_sum += loss * len(y)
+                if aux_loss is not None:
+                    aux_sum += aux_loss * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if bar.disable:
+                    continue
+                # One sync per step: small next to a step of a 20-cell network.
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                refresh=False)
+                bar.update()
+        finally:
+            bar.close()
+            model.drop_path_generator = None
+        entry = dict(train_loss=loss_sum.item() / seen, train_acc=100 * correct.item() / seen)
+        if cfg.auxiliary:
+            entry["aux_loss"] = aux_sum.item() / seen
+        return entry
+
+    def run(self, on_epoch_end: Callable[[dict], None] | None) -> TrainResult:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(len(self.history), cfg.epochs):
+            start = time.perf_counter()
+            lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            train_metrics = self._train_epoch(epoch)
+            # The probability the epoch's forward passes used, as _train_epoch set it.
+            entry = dict(epoch=epoch + 1, lr=lr, drop_path_prob=self.model.drop_path_prob, **train_metrics)
+            test = evaluate(self.model, self.test_loader.epoch(0), bf16=cfg.bf16, channels_last=cfg.channels_last,
+                            max_steps=self._steps(self.test_loader))
+            entry.update(test_loss=test["loss"], test_acc=test["top1"], test_top5=test["top5"],
+                         seconds=time.perf_counter() - start)
+            self.history.append(entry)
+            self._save(entry)
+            best = max(h["test_acc"] for h in self.history)
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  drop_path {entry['drop_path_prob']:.3f}  "
+                     f"train_loss {entry['train_loss']:.4f}  train_acc {entry['train_acc']:.2f}  "
+                     f"test_loss {entry['test_loss']:.4f}  test_acc {entry['test_acc']:.2f}  (best {best:.2f})  "
+                     f"{entry['seconds']:.1f}s")
+            if on_epoch_end is not None:
+                on_epoch_end(entry)
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        from .visualize import plot_learning_curves
+
+        if not self.history:
+            raise FastDartsError("the run has no finished epoch")
+        curves = plot_learning_curves(self.history, self.out / "curves.png")
+        last = self.history[-1]
+        best = max(self.history, key=lambda h: h["test_acc"])
+        self.log(f"final test accuracy {last['test_acc']:.2f}% (top-5 {last['test_top5']:.2f}%) after epoch "
+                 f"{last['epoch']}; best {best['test_acc']:.2f}% at epoch {best['epoch']} (chosen on the test set)")
+        self.log(f"wrote {self.out / 'last.pt'}, {self.out / 'best.pt'}, {self.out / CHECKPOINT}, "
+                 f"{self.out / 'metrics.jsonl'}, {curves}")
+        return TrainResult(history=self.history, out=self.out, test_acc=last["test_acc"],
+                           best_test_acc=best["test_acc"], parameters=self.parameters, model=self.model)
+
+
+def train(config: TrainConfig | None = None, *, on_epoch_end: Callable[[dict], None] | None = None,
+          log: Callable[[str], None] = print, **overrides) -> TrainResult:
+    """Train a genotype's network from scratch and write its results to ``config.out``.
+
+    ``train(genotype="DARTS_V2", dataset="digits", layers=5, channels=8, epochs=5)``
+    overrides single fields of the default ``TrainConfig``. ``on_epoch_end`` is
+    called with each epoch's metrics after its checkpoint is written.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    return _Trainer(config, log).run(on_epoch_end)
