@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Architect", "DATASETS", "Dataset", "DeviceLoader", "ImageSet", "load_dataset", "FastDartsError",
     "DARTS_V1", "DARTS_V2", "GENOTYPES", "Genotype", "derive_genotype", "get_genotype", "reduction_layout",
-    "available_backends", "MIXED_OP_BACKENDS", "MixedOp", "DARTS_OPS", "EXTENDED_OPS", "OP_SETS", "OPS", "PRIMITIVES", "resolve_ops",
+    "available_backends", "MIXED_OP_BACKENDS", "MixedOp",
+    "DARTS_OPS", "EXTENDED_OPS", "OP_SETS", "OPS", "PRIMITIVES", "resolve_ops",
     "SearchConfig", "SearchResult", "search", "SearchCell", "SearchNetwork", "__version__",
     "NetworkCIFAR", "count_parameters", "drop_path", "evaluate_checkpoint",
     "load_original_darts_state_dict", "load_trained", "TrainConfig", "TrainResult", "train",

@@ -264,7 +264,8 @@ class FusedMixedOpFunction(torch.autograd.Function):
 
 def _candidates(module: nn.Module, ops: Sequence[nn.Module]) -> list[_Candidate]:
     """The candidates of an edge (or of a single op), built once and kept on
-    the module: the structure of an edge never changes, only its tensors."""
+    the module: the structure of an edge never changes, only its tensors
+    (replacing one of ``mixed.ops`` after the first forward is not seen)."""
     cached = module.__dict__.get("_fused_candidates")
     if cached is None:
         cached = [_candidate(k, op) for k, op in enumerate(ops)]
@@ -299,7 +300,7 @@ def mixed_op_fused(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> 
                   lambda: sum(w * op(x) for w, op in zip(weights, mixed.ops)))
 
 
-_ONE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_ONE: dict[torch.device, torch.Tensor] = {}  # the weight of a one-op "edge", per device
 
 
 @torch.compiler.disable
@@ -311,8 +312,7 @@ def fused_preprocess(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the largest activations left once the edges are fused."""
     cands = _candidates(module, [module])
     stride = 2 if isinstance(module, FactorizedReduce) else 1
-    key = (x.device, torch.float32)
-    one = _ONE.get(key)
+    one = _ONE.get(x.device)
     if one is None:
-        one = _ONE[key] = torch.ones(1, device=x.device)
+        one = _ONE[x.device] = torch.ones(1, device=x.device)
     return _fused(cands, stride, x, one, lambda: module(x))

@@ -40,6 +40,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def steps_per_epoch(batches: int, max_steps: int | None) -> int:
+    """The batches an epoch runs: all of them, or ``--max-steps`` if fewer."""
+    return batches if max_steps is None else min(max_steps, batches)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -26,7 +26,7 @@ from .genotype import Genotype
 from .layout import layout_string, reduction_layout
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
-from .run_utils import cosine_lr, read_torch, resolve_device, save_torch, seed_everything, write_jsonl
+from .run_utils import cosine_lr, read_torch, resolve_device, save_torch, seed_everything, steps_per_epoch, write_jsonl
 from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
@@ -215,8 +215,7 @@ class _Searcher:
 
     # -- one epoch ----------------------------------------------------------
     def _steps(self, loader: DeviceLoader) -> int:
-        cap = self.config.max_steps
-        return len(loader) if cap is None else min(cap, len(loader))
+        return steps_per_epoch(len(loader), self.config.max_steps)
 
     def _train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm

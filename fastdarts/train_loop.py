@@ -33,7 +33,7 @@ from .evaluate import TRAIN_CHECKPOINT_FORMAT, WEIGHTS_FORMAT, autocast, evaluat
 from .genotype import Genotype, get_genotype
 from .layout import reduction_layout
 from .run_utils import (cosine_lr, read_torch, resolve_device, resolve_fast_options, save_torch, seed_everything,
-                        write_jsonl)
+                        steps_per_epoch, write_jsonl)
 
 CHECKPOINT = "checkpoint.pt"
 # Pass number of the drop-path generator in mix_seed; the loader's passes are 0, 1, ...
@@ -251,8 +251,7 @@ class _Trainer:
 
     # -- one epoch ----------------------------------------------------------
     def _steps(self, loader: DeviceLoader) -> int:
-        cap = self.config.max_steps
-        return len(loader) if cap is None else min(cap, len(loader))
+        return steps_per_epoch(len(loader), self.config.max_steps)
 
     def _train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm

@@ -23,3 +23,20 @@ def tiny_net(**kw):
                 in_channels=3, backend="reference")
     args.update(kw)
     return SearchNetwork(**args)
+
+
+def saved_activation_bytes(net, x, y):
+    """Bytes autograd keeps for backward during one forward of ``net.loss``
+    (each storage once; parameters are the model's own memory, not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = net.loss(x, y)
+    loss.backward()
+    return sum(storages.values())

@@ -6,7 +6,7 @@ import torch
 from fastdarts.fused_mixed_op import FusedMixedOpFunction, _candidate
 from fastdarts.kernels.backend import kernel_backend
 from fastdarts.mixed_op import MixedOp
-from conftest import tiny_net
+from conftest import saved_activation_bytes, tiny_net
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OP_SETS = ["darts", "extended", "none,skip_connect,conv_3x3", "max_pool_3x3,sep_conv_5x5,conv_1x3_3x1"]
@@ -140,26 +140,9 @@ def test_in_place_change_of_a_weight_before_backward_is_caught():
         loss.backward()
 
 
-def _saved_bytes(net, x, y):
-    """Activation bytes autograd keeps for backward during one forward (each
-    storage once; parameters are the model's own memory, not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = net.loss(x, y)
-    loss.backward()
-    return sum(storages.values())
-
-
 def test_fused_keeps_least_for_backward_and_stays_flat_in_the_number_of_ops():
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    saved = {(backend, ops): _saved_bytes(tiny_net(backend=backend, ops=ops), x, y)
+    saved = {(backend, ops): saved_activation_bytes(tiny_net(backend=backend, ops=ops), x, y)
              for backend in ("reference", "checkpoint", "fused")
              for ops in ("none,skip_connect,sep_conv_3x3,dil_conv_3x3", "extended")}
     few, many = "none,skip_connect,sep_conv_3x3,dil_conv_3x3", "extended"

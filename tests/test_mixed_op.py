@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastdarts.mixed_op import MixedOp
-from conftest import tiny_net
+from conftest import saved_activation_bytes, tiny_net
 
 
 def _grads(net, x, y):
@@ -55,24 +55,10 @@ def test_checkpoint_in_no_grad_and_eval():
     assert out.shape == (2, 5)
 
 
-def _saved_bytes(net, x, y):
-    """Bytes autograd keeps for backward during one forward (each storage once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = net.loss(x, y)
-    loss.backward()
-    return sum(storages.values())
-
-
 def test_checkpoint_keeps_less_for_backward():
     ref = tiny_net()
     ckpt = tiny_net().set_backend("checkpoint")
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    ref_bytes, ckpt_bytes = _saved_bytes(ref, x, y), _saved_bytes(ckpt, x, y)
+    ref_bytes, ckpt_bytes = saved_activation_bytes(ref, x, y), saved_activation_bytes(ckpt, x, y)
     # Per edge, checkpoint keeps only the edge's input; the reference keeps every op's activations.
     assert ckpt_bytes < ref_bytes / 3, (ckpt_bytes, ref_bytes)
