@@ -45,6 +45,42 @@ def steps_per_epoch(batches: int, max_steps: int | None) -> int:
     return batches if max_steps is None else min(max_steps, batches)
 
 
+class EpochProgress:
+    """Running loss and accuracy of an epoch's training batches, summed on the
+    device, and the progress bar that shows them. The bar reads the sums once
+    per step (one sync, small next to a training or search step); without a
+    bar nothing is read until the epoch ends."""
+
+    def __init__(self, device: torch.device, total: int, desc: str, show: bool):
+        from tqdm.auto import tqdm
+
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+        self.bar = tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        self.loss_sum += loss * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{self.loss_sum.item() / self.seen:.3f}",
+                                 acc=f"{100 * self.correct.item() / self.seen:.1f}", refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def summary(self) -> dict:
+        """``train_loss`` and ``train_acc`` (percent) over the epoch's batches."""
+        return dict(train_loss=self.loss_sum.item() / self.seen, train_acc=100 * self.correct.item() / self.seen)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

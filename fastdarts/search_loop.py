@@ -26,7 +26,8 @@ from .genotype import Genotype
 from .layout import layout_string, reduction_layout
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
-from .run_utils import cosine_lr, read_torch, resolve_device, save_torch, seed_everything, steps_per_epoch, write_jsonl
+from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_device, save_torch, seed_everything, set_lr,
+                        steps_per_epoch, write_jsonl)
 from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
@@ -218,19 +219,12 @@ class _Searcher:
         return steps_per_epoch(len(loader), self.config.max_steps)
 
     def _train_epoch(self, epoch: int) -> dict:
-        from tqdm.auto import tqdm
-
         cfg, model = self.config, self.model
         model.train()
         arch_stream = self.arch_loader.cycle(epoch)
         n_steps = self._steps(self.train_loader)
-        # Sums stay on the device; only the progress bar reads them per step.
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
         arch_loss_sum = torch.zeros((), device=self.device)
-        seen = 0
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
             if step >= n_steps:
                 break
@@ -238,18 +232,9 @@ class _Searcher:
             logits, loss, arch_loss = search_step(model, self.architect, self.weight_optimizer, (x, y),
                                                   (x_val, y_val), cfg.grad_clip)
             arch_loss_sum += arch_loss
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if bar.disable:
-                continue
-            # One sync per step is nothing next to a search step's own syncs (the architect's ε).
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                            refresh=False)
-            bar.update()
-        bar.close()
-        return dict(train_loss=loss_sum.item() / seen, train_acc=100 * correct.item() / seen,
-                    arch_loss=arch_loss_sum.item() / n_steps)
+            progress.update(logits, y, loss)
+        progress.close()
+        return dict(**progress.summary(), arch_loss=arch_loss_sum.item() / n_steps)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
@@ -275,8 +260,7 @@ class _Searcher:
         for epoch in range(len(self.history), cfg.epochs):
             start = time.perf_counter()
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
-            for group in self.weight_optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.weight_optimizer, lr)
             entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate())
             genotype = self.model.genotype()
             entropy = self.model.alpha_entropy()

@@ -32,8 +32,8 @@ from .eval_network import NetworkCIFAR, count_parameters
 from .evaluate import TRAIN_CHECKPOINT_FORMAT, WEIGHTS_FORMAT, autocast, evaluate
 from .genotype import Genotype, get_genotype
 from .layout import reduction_layout
-from .run_utils import (cosine_lr, read_torch, resolve_device, resolve_fast_options, save_torch, seed_everything,
-                        steps_per_epoch, write_jsonl)
+from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_device, resolve_fast_options, save_torch,
+                        seed_everything, set_lr, steps_per_epoch, write_jsonl)
 
 CHECKPOINT = "checkpoint.pt"
 # Pass number of the drop-path generator in mix_seed; the loader's passes are 0, 1, ...
@@ -254,8 +254,6 @@ class _Trainer:
         return steps_per_epoch(len(loader), self.config.max_steps)
 
     def _train_epoch(self, epoch: int) -> dict:
-        from tqdm.auto import tqdm
-
         cfg, model = self.config, self.model
         model.train()
         model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
@@ -263,12 +261,8 @@ class _Trainer:
         generator.manual_seed(mix_seed(cfg.seed, epoch, _DROP_PATH_PASS))
         model.drop_path_generator = generator
         n_steps = self._steps(self.train_loader)
-        loss_sum = torch.zeros((), device=self.device)
+        progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
         aux_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
         try:
             for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
                 if step >= n_steps:
@@ -277,23 +271,15 @@ class _Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 logits, loss, aux_loss = train_step(model, self.optimizer, x, y, auxiliary_weight=cfg.auxiliary_weight,
                                                     grad_clip=cfg.grad_clip, bf16=cfg.bf16)
-                loss_sum += loss * len(y)
                 if aux_loss is not None:
                     aux_sum += aux_loss * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                if bar.disable:
-                    continue
-                # One sync per step: small next to a step of a 20-cell network.
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                refresh=False)
-                bar.update()
+                progress.update(logits, y, loss)
         finally:
-            bar.close()
+            progress.close()
             model.drop_path_generator = None
-        entry = dict(train_loss=loss_sum.item() / seen, train_acc=100 * correct.item() / seen)
+        entry = progress.summary()
         if cfg.auxiliary:
-            entry["aux_loss"] = aux_sum.item() / seen
+            entry["aux_loss"] = aux_sum.item() / progress.seen
         return entry
 
     def run(self, on_epoch_end: Callable[[dict], None] | None) -> TrainResult:
@@ -302,8 +288,7 @@ class _Trainer:
         for epoch in range(len(self.history), cfg.epochs):
             start = time.perf_counter()
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             train_metrics = self._train_epoch(epoch)
             # The probability the epoch's forward passes used, as _train_epoch set it.
             entry = dict(epoch=epoch + 1, lr=lr, drop_path_prob=self.model.drop_path_prob, **train_metrics)
