@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import FastDartsError
 from .genotype import GENOTYPES, get_genotype
@@ -80,19 +80,25 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
-def search_main(argv: Sequence[str] | None = None) -> int:
-    args = search_parser().parse_args(argv)
-    config = SearchConfig(**vars(args))
+def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None) -> tuple[int, Any]:
+    """(exit status, result) of a command's work: a FastDartsError or OSError
+    (an unwritable --out, a full disk) is one line and status 2; Ctrl-C is
+    status 130, with the resume hint when the run keeps checkpoints."""
     try:
-        search(config)
-    except (FastDartsError, OSError) as e:  # OSError: an unwritable --out, a full disk
-        print(f"fastdarts-search: error: {e}", file=sys.stderr)
-        return 2
+        return 0, action()
+    except (FastDartsError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2, None
     except KeyboardInterrupt:
-        print(f"\nfastdarts-search: interrupted; continue with the same command plus --resume "
-              f"(finished epochs are in {config.out}/checkpoint.pt)", file=sys.stderr)
-        return 130
-    return 0
+        hint = (f"; continue with the same command plus --resume (finished epochs are in "
+                f"{resume_from}/checkpoint.pt)" if resume_from else "")
+        print(f"\n{prog}: interrupted{hint}", file=sys.stderr)
+        return 130, None
+
+
+def search_main(argv: Sequence[str] | None = None) -> int:
+    config = SearchConfig(**vars(search_parser().parse_args(argv)))
+    return _run("fastdarts-search", lambda: search(config), resume_from=config.out)[0]
 
 
 def genotype_parser() -> argparse.ArgumentParser:
@@ -106,7 +112,8 @@ def genotype_parser() -> argparse.ArgumentParser:
 
 def genotype_main(argv: Sequence[str] | None = None) -> int:
     args = genotype_parser().parse_args(argv)
-    try:
+
+    def show() -> None:
         genotype = get_genotype(args.genotype)
         print(genotype)
         if args.out:
@@ -114,10 +121,8 @@ def genotype_main(argv: Sequence[str] | None = None) -> int:
 
             for path in plot_genotype(genotype, args.out):
                 print(f"wrote {path}")
-    except FastDartsError as e:
-        print(f"fastdarts-genotype: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _run("fastdarts-genotype", show)[0]
 
 
 def _non_negative_int(text: str) -> int:
@@ -190,18 +195,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
-    try:
-        train(config)
-    except (FastDartsError, OSError) as e:  # OSError: an unwritable --out, a full disk
-        print(f"fastdarts-train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nfastdarts-train: interrupted; continue with the same command plus --resume "
-              f"(finished epochs are in {config.out}/checkpoint.pt)", file=sys.stderr)
-        return 130
-    return 0
+    config = TrainConfig(**vars(train_parser().parse_args(argv)))
+    return _run("fastdarts-train", lambda: train(config), resume_from=config.out)[0]
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -240,19 +235,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
     from .evaluate import evaluate_checkpoint
 
-    try:
-        result = evaluate_checkpoint(args.checkpoint, genotype=args.genotype, channels=args.channels,
-                                     layers=args.layers, dataset=args.dataset, data=args.data,
-                                     download=args.download, batch_size=args.batch_size, device=args.device,
-                                     bf16=args.bf16, channels_last=args.channels_last)
-    except (FastDartsError, OSError) as e:
-        print(f"fastdarts-eval: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nfastdarts-eval: interrupted", file=sys.stderr)
-        return 130
-    _print_eval(result, args.checkpoint)
-    return 0
+    status, result = _run("fastdarts-eval", lambda: evaluate_checkpoint(
+        args.checkpoint, genotype=args.genotype, channels=args.channels, layers=args.layers, dataset=args.dataset,
+        data=args.data, download=args.download, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
+        channels_last=args.channels_last))
+    if status == 0:
+        _print_eval(result, args.checkpoint)
+    return status
 
 
 # The offline demo of the whole method: small enough for a few minutes on one CPU core.
@@ -288,7 +277,8 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     common = dict(device=args.device, seed=args.seed, progress=args.progress)
-    try:
+
+    def run_all():
         if out.exists() and any(out.iterdir()):
             raise FastDartsError(f"--out {out} is not empty; choose another directory")
         print(f"== 1/3 search ({args.search_epochs} epochs, {args.order} order) -> {out / 'search'}")
@@ -298,13 +288,12 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         trained = train(TrainConfig(**PIPELINE_TRAIN, genotype=str(searched.out / "genotype.json"),
                                     epochs=args.train_epochs, out=str(out / "train"), **common))
         print(f"== 3/3 evaluate {trained.out / 'last.pt'}")
-        result = evaluate_checkpoint(trained.out / "last.pt", device=args.device)
-    except (FastDartsError, OSError) as e:
-        print(f"fastdarts-pipeline: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nfastdarts-pipeline: interrupted", file=sys.stderr)
-        return 130
+        return trained, evaluate_checkpoint(trained.out / "last.pt", device=args.device)
+
+    status, outcome = _run("fastdarts-pipeline", run_all)
+    if status:
+        return status
+    trained, result = outcome
     _print_eval(result, str(trained.out / "last.pt"))
     print(f"pipeline: search -> train -> eval on digits took {time.perf_counter() - start:.0f} s; "
           f"final test accuracy {result['top1']:.2f}%")

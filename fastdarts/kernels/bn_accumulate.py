@@ -107,3 +107,43 @@ def bn_accumulate_backward_ref(dy: torch.Tensor, z: torch.Tensor, mean: torch.Te
     w = weight.reshape(())
     dz = w * _per_channel(invstd, z) * (g - _per_channel(s1 / M, z) - xhat * _per_channel(s2 / M, z))
     return dz.to(z.dtype), dweight
+
+
+def register_fake_and_autograd(namespace: str) -> None:
+    """Fake (meta) kernels for ``{namespace}::bn_accumulate`` and its backward,
+    and the autograd formula of ``bn_accumulate``: the same for every
+    implementation of the schema (the compiled ``fastdarts`` ops and the
+    Triton ``fastdarts_triton`` ones)."""
+    forward, backward = f"{namespace}::bn_accumulate", f"{namespace}::bn_accumulate_backward"
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(acc, z, mean, invstd, weight):
+        check_args("bn_accumulate", z, mean, invstd, weight, acc=acc)
+        return acc.new_empty(z.shape)
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(dy, z, mean, invstd, weight, compute_dz=True):
+        check_args("bn_accumulate_backward", z, mean, invstd, weight, dy=dy)
+        dz = z.new_empty(z.shape) if compute_dz else z.new_empty(0)
+        return dz, mean.new_empty(())
+
+    def setup_context(ctx, inputs, output):
+        _acc, z, mean, invstd, weight = inputs
+        ctx.save_for_backward(z, mean, invstd, weight)
+
+    def grad_fn(ctx, grad):
+        # The gradient of BN with batch statistics: mean/invstd are functions
+        # of z, and their derivative is already folded into dz.
+        z, mean, invstd, weight = ctx.saved_tensors
+        need_acc, need_z, _, _, need_weight = ctx.needs_input_grad
+        dz = dweight = None
+        if need_z or need_weight:
+            # The backward op takes dy in z's dtype (the accumulator is fp32
+            # for fp16/bf16 z, so this rounds dy once there).
+            op = getattr(torch.ops, namespace).bn_accumulate_backward
+            dz, dweight = op(grad.to(z.dtype), z, mean, invstd, weight, bool(need_z))
+            dz = dz if need_z else None
+            dweight = dweight.reshape(weight.shape) if need_weight else None
+        return (grad if need_acc else None), dz, None, None, dweight
+
+    torch.library.register_autograd(forward, grad_fn, setup_context=setup_context)

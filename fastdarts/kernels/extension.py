@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .bn_accumulate import check_args
+from .bn_accumulate import register_fake_and_autograd
 from .pool3x3 import check_pool_args
 
 EXTENSION_ERROR: str | None = None
@@ -26,38 +26,7 @@ HAS_CUDA_KERNELS: bool = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dis
 
 
 if HAS_EXTENSION:
-    @torch.library.register_fake("fastdarts::bn_accumulate")
-    def _bn_accumulate_fake(acc, z, mean, invstd, weight):
-        check_args("bn_accumulate", z, mean, invstd, weight, acc=acc)
-        return acc.new_empty(z.shape)
-
-    @torch.library.register_fake("fastdarts::bn_accumulate_backward")
-    def _bn_accumulate_backward_fake(dy, z, mean, invstd, weight, compute_dz):
-        check_args("bn_accumulate_backward", z, mean, invstd, weight, dy=dy)
-        dz = z.new_empty(z.shape) if compute_dz else z.new_empty(0)
-        return dz, mean.new_empty(())
-
-    def _bn_accumulate_setup_context(ctx, inputs, output):
-        acc, z, mean, invstd, weight = inputs
-        ctx.save_for_backward(z, mean, invstd, weight)
-
-    def _bn_accumulate_backward(ctx, grad):
-        # The gradient is that of BN with batch statistics: mean/invstd are
-        # treated as functions of z (their own gradient is folded into dz).
-        z, mean, invstd, weight = ctx.saved_tensors
-        need_acc, need_z, _, _, need_weight = ctx.needs_input_grad
-        dz = dweight = None
-        if need_z or need_weight:
-            # The op takes dy in z's dtype (the accumulator is fp32 for fp16/bf16 z).
-            dz, dweight = torch.ops.fastdarts.bn_accumulate_backward(grad.to(z.dtype), z, mean, invstd, weight,
-                                                                      need_z)
-            dz = dz if need_z else None
-            dweight = dweight.reshape(weight.shape) if need_weight else None
-        return (grad if need_acc else None), dz, None, None, dweight
-
-    torch.library.register_autograd("fastdarts::bn_accumulate", _bn_accumulate_backward,
-                                    setup_context=_bn_accumulate_setup_context)
-
+    register_fake_and_autograd("fastdarts")
 
 # An extension built from older sources may lack the pool ops: register what exists.
 HAS_POOL_KERNELS: bool = HAS_EXTENSION and hasattr(torch.ops.fastdarts, "pool3x3")

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from .bn_accumulate import accumulator_dtype, check_args
+from .bn_accumulate import accumulator_dtype, check_args, register_fake_and_autograd
 
 # triton.jit decides at import whether kernels are interpreted; record that
 # decision instead of reading the variable again later.
@@ -190,42 +190,10 @@ if HAS_TRITON:
                           weight: torch.Tensor) -> torch.Tensor:
         return bn_accumulate_triton(acc, z, mean, invstd, weight)
 
-    @_bn_accumulate_op.register_fake
-    def _(acc, z, mean, invstd, weight):
-        check_args("bn_accumulate", z, mean, invstd, weight, acc=acc)
-        return acc.new_empty(acc.shape)
-
     @torch.library.custom_op("fastdarts_triton::bn_accumulate_backward", mutates_args=())
     def _bn_accumulate_backward_op(dy: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                                    weight: torch.Tensor, compute_dz: bool = True
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
         return bn_accumulate_backward_triton(dy, z, mean, invstd, weight, compute_dz)
 
-    @_bn_accumulate_backward_op.register_fake
-    def _(dy, z, mean, invstd, weight, compute_dz=True):
-        check_args("bn_accumulate_backward", z, mean, invstd, weight, dy=dy)
-        dz = z.new_empty(z.shape) if compute_dz else z.new_empty(0)
-        return dz, z.new_empty((), dtype=accumulator_dtype(z.dtype))
-
-    def _bn_accumulate_setup_context(ctx, inputs, output):
-        _acc, z, mean, invstd, weight = inputs
-        ctx.save_for_backward(z, mean, invstd, weight)
-
-    def _bn_accumulate_autograd_backward(ctx, grad):
-        z, mean, invstd, weight = ctx.saved_tensors
-        need_acc, need_z, _, _, need_weight = ctx.needs_input_grad
-        grad_acc = grad if need_acc else None
-        grad_z = grad_weight = None
-        if need_z or need_weight:
-            # The backward op takes dy in z's dtype (the refs' contract); for
-            # fp32/fp64 z this is a no-op, for fp16/bf16 it rounds dy once.
-            grad_z, dweight = torch.ops.fastdarts_triton.bn_accumulate_backward(
-                grad.to(z.dtype), z, mean, invstd, weight, bool(need_z))
-            grad_z = grad_z if need_z else None
-            grad_weight = dweight.reshape(weight.shape) if need_weight else None
-        # mean and invstd are treated as constants: the formula above already
-        # is the full derivative of BN through its batch statistics.
-        return grad_acc, grad_z, None, None, grad_weight
-
-    _bn_accumulate_op.register_autograd(_bn_accumulate_autograd_backward,
-                                        setup_context=_bn_accumulate_setup_context)
+    register_fake_and_autograd("fastdarts_triton")
