@@ -25,7 +25,9 @@ if MAX_JOBS=${MAX_JOBS:-8} python3 setup.py build_ext --inplace >"$out/build.log
 else
   tail -n 30 "$out/build.log"; status=1
 fi
-python3 -c "import fastdarts as fd; from fastdarts.kernels import extension as e; print('available:', fd.available_backends(), '| extension:', e.HAS_EXTENSION, 'cuda kernels:', e.HAS_CUDA_KERNELS, e.EXTENSION_ERROR or '')"
+# The build falls back to CPU kernels rather than fail (setup.py): here that is a failure.
+grep "fastdarts: WARNING" "$out/build.log" && status=1
+python3 -c "import fastdarts as fd, torch; from fastdarts.kernels import extension as e; from fastdarts.kernels.backend import kernel_backend; print('available:', fd.available_backends(), '| extension:', e.HAS_EXTENSION, 'cuda kernels:', e.HAS_CUDA_KERNELS, e.EXTENSION_ERROR or '', '| chosen on cuda:', kernel_backend(torch.device('cuda'))); assert e.HAS_CUDA_KERNELS" || status=1
 
 echo "== CUDA tests"
 python3 -m pytest -q tests/test_kernels_cpp.py tests/test_kernels_triton.py tests/test_fused_mixed_op.py \

@@ -84,7 +84,7 @@ void max_forward_plane_stride1(const scalar_t* x, scalar_t* y, const PoolShape& 
 // ATen's window loop, so sums are bit-identical to it. The loop runs across w
 // for each window element in turn: contiguous, vectorisable, same order.
 template <typename opmath_t>
-void box_sum3x3(const opmath_t* in, opmath_t* out, int64_t H, int64_t W, std::vector<opmath_t>& unused) {
+void box_sum3x3(const opmath_t* in, opmath_t* out, int64_t H, int64_t W) {
   for (int64_t h = 0; h < H; ++h) {
     opmath_t* o = out + h * W;
     for (int64_t w = 0; w < W; ++w) o[w] = opmath_t(0);
@@ -112,14 +112,14 @@ inline int64_t window_count(int64_t h, int64_t w, int64_t H, int64_t W) {
 // Stride 1 average pool: window sum / window count, as ATen computes it.
 template <typename scalar_t>
 void avg_forward_plane_stride1(const scalar_t* x, scalar_t* y, const PoolShape& P,
-                               std::vector<at::opmath_type<scalar_t>>& in, std::vector<at::opmath_type<scalar_t>>& sums,
-                               std::vector<at::opmath_type<scalar_t>>& rows) {
+                               std::vector<at::opmath_type<scalar_t>>& in,
+                               std::vector<at::opmath_type<scalar_t>>& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t H = P.H, W = P.W;
   in.resize(H * W);
   sums.resize(H * W);
   for (int64_t i = 0; i < H * W; ++i) in[i] = static_cast<opmath_t>(x[i]);
-  box_sum3x3(in.data(), sums.data(), H, W, rows);
+  box_sum3x3(in.data(), sums.data(), H, W);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t w = 0; w < W; ++w)
       y[h * W + w] = static_cast<scalar_t>(sums[h * W + w] / static_cast<opmath_t>(window_count(h, w, H, W)));
@@ -131,8 +131,7 @@ void avg_forward_plane_stride1(const scalar_t* x, scalar_t* y, const PoolShape& 
 template <typename scalar_t>
 void avg_backward_plane_stride1(const scalar_t* dy, scalar_t* dx, const PoolShape& P,
                                 std::vector<at::opmath_type<scalar_t>>& share,
-                                std::vector<at::opmath_type<scalar_t>>& sums,
-                                std::vector<at::opmath_type<scalar_t>>& rows) {
+                                std::vector<at::opmath_type<scalar_t>>& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t H = P.H, W = P.W;
   share.resize(H * W);
@@ -140,7 +139,7 @@ void avg_backward_plane_stride1(const scalar_t* dy, scalar_t* dx, const PoolShap
   for (int64_t h = 0; h < H; ++h)
     for (int64_t w = 0; w < W; ++w)
       share[h * W + w] = static_cast<opmath_t>(dy[h * W + w]) / static_cast<opmath_t>(window_count(h, w, H, W));
-  box_sum3x3(share.data(), sums.data(), H, W, rows);
+  box_sum3x3(share.data(), sums.data(), H, W);
   for (int64_t i = 0; i < H * W; ++i) dx[i] = static_cast<scalar_t>(sums[i]);
 }
 
@@ -159,7 +158,7 @@ void pool_plane(const scalar_t* x, scalar_t* y, const PoolShape& P, bool is_max,
   if (is_max)
     max_forward_plane_stride1(x, dst, P, rows);
   else
-    avg_forward_plane_stride1(x, dst, P, in, sums, rows);
+    avg_forward_plane_stride1(x, dst, P, in, sums);
   if (P.stride != 1) {
     for (int64_t oh = 0; oh < P.Ho; ++oh)
       for (int64_t ow = 0; ow < P.Wo; ++ow) y[oh * P.Wo + ow] = full[oh * P.stride * P.W + ow * P.stride];
@@ -260,7 +259,7 @@ at::Tensor pool3x3_backward_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
       std::vector<scalar_t> pooled;
       for (int64_t p = begin; p < end; ++p)
         if (!is_max && P.stride == 1)
-          avg_backward_plane_stride1(dyp + p * P.Ho * P.Wo, dxp + p * P.H * P.W, P, acc, sums, rows);
+          avg_backward_plane_stride1(dyp + p * P.Ho * P.Wo, dxp + p * P.H * P.W, P, acc, sums);
         else
           backward_plane(dyp + p * P.Ho * P.Wo, xp + p * P.H * P.W, dxp + p * P.H * P.W, P, is_max, acc, rows,
                        pooled);

@@ -18,17 +18,24 @@ candidates one at a time, so at most one op's activations exist at once
 
 Running statistics move exactly once per forward, as the reference's: the
 final BN's through ``torch.batch_norm_update_stats`` (the same update
-``nn.BatchNorm2d`` makes), inner BNs (sep conv) by calling the module; the
-recompute uses batch statistics without touching them (inplace_abn's rule).
-Every parameter the ops use is an input of the Function, so its gradient
-flows through autograd's normal accumulation (hooks, DDP).
+``nn.BatchNorm2d`` makes), inner BNs (sep conv) as ``nn.BatchNorm2d.forward``
+moves them; the recompute uses batch statistics without touching them
+(inplace_abn's rule).
+
+Forward and recompute use the same tensors: an op's parameters are looked up
+on its modules at every call (so ``torch.func.functional_call``,
+``load_state_dict(assign=True)`` and replaced weights are seen), passed to
+the Function as inputs (so autograd accumulates their gradients, hooks and
+DDP included) and applied functionally from what the Function saved. What is
+cached is only the edge's structure, checked against its modules each call.
+Only plain modules are fused (exact types): a subclass such as
+``SyncBatchNorm`` computes something the recompute cannot, and is an error.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +46,8 @@ from .kernels.backend import KernelOps, kernel_ops
 from .kernels.bn_accumulate import accumulator_dtype
 from .ops import DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv, Zero
 
-_BN = nn.modules.batchnorm._BatchNorm
+# The body of a parametric candidate is a chain of these, applied functionally.
+_BODY_TYPES = (nn.ReLU, nn.Conv2d, nn.BatchNorm2d)
 
 
 @dataclass
@@ -48,75 +56,160 @@ class _Candidate:
 
     kind: ``zero``, ``identity`` or ``bn`` (``z = body(input)``, ``o = BN(z)``).
     on_relu: the body's input is ReLU(x) (conv ops), not x (pools).
+    slots: (module, attribute) of every parameter the body uses, in order;
+        the tensors are looked up at each call (``_resolve_params``).
     """
     kind: str
     index: int
     body: list[nn.Module] = field(default_factory=list)
-    bn: _BN | None = None
+    bn: nn.BatchNorm2d | None = None
     on_relu: bool = False
     pool_is_max: bool | None = None       # a 3x3 pool: max (True) or average (False)
     factorized_reduce: FactorizedReduce | None = None
-    params: list[nn.Parameter] = field(default_factory=list)
+    slots: list[tuple[nn.Module, str]] = field(default_factory=list)
 
 
-def _conv_candidate(index: int, seq: nn.Sequential) -> _Candidate:
+def _unsupported(index: int, op: nn.Module, why: str) -> FastDartsError:
+    return FastDartsError(f"fused backend: op {index} ({type(op).__name__}) {why}; "
+                          "use backend='reference' (--backend reference) for it")
+
+
+def _check_plain(index: int, op: nn.Module, modules: Sequence[nn.Module]) -> None:
+    """Exact types only: a subclass (SyncBatchNorm, a weight-standardised
+    conv, ...) overrides what its forward computes, which the functional
+    recompute would silently ignore."""
+    for m in modules:
+        if type(m) not in _BODY_TYPES:
+            raise _unsupported(index, op, f"contains a {type(m).__name__}, which the fused recompute cannot "
+                                          "reproduce (only plain ReLU, Conv2d and BatchNorm2d are fused)")
+        if type(m) is nn.Conv2d and m.padding_mode != "zeros":
+            raise _unsupported(index, op, f"has a Conv2d with padding_mode={m.padding_mode!r}")
+
+
+def _param_slots(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, str]]:
+    return [(m, name) for m in modules for name in ("weight", "bias")
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and getattr(m, name) is not None]
+
+
+def _conv_candidate(index: int, op: nn.Module, seq: nn.Sequential) -> _Candidate:
     mods = list(seq)
-    if not (isinstance(mods[0], nn.ReLU) and isinstance(mods[-1], _BN)):
-        raise FastDartsError(f"fused backend: op {index} is not ReLU -> ... -> BN: {seq}")
+    if not (isinstance(mods[0], nn.ReLU) and isinstance(mods[-1], nn.modules.batchnorm._BatchNorm)):
+        raise _unsupported(index, op, "is not ReLU -> ... -> BatchNorm")
     return _Candidate("bn", index, body=mods[1:-1], bn=mods[-1], on_relu=True)
 
 
 def _candidate(index: int, op: nn.Module) -> _Candidate:
-    if isinstance(op, Zero):
+    if type(op) is Zero:
         return _Candidate("zero", index)
-    if isinstance(op, Identity):
+    if type(op) is Identity:
         return _Candidate("identity", index)
-    if isinstance(op, FactorizedReduce):
+    if type(op) is FactorizedReduce:
+        for conv in (op.conv_1, op.conv_2):
+            if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (2, 2) \
+                    or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+                raise _unsupported(index, op, "has a conv that is not 1x1 with stride 2")
         cand = _Candidate("bn", index, bn=op.bn, on_relu=True, factorized_reduce=op)
-    elif isinstance(op, (ReLUConvBN, DilConv, SepConv)):
-        cand = _conv_candidate(index, op.op)
-    elif isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU):
-        cand = _conv_candidate(index, op)
-    elif isinstance(op, nn.Sequential) and len(op) == 2 and isinstance(op[0], (nn.MaxPool2d, nn.AvgPool2d)) \
-            and isinstance(op[1], _BN):
+        modules = [op.relu, op.conv_1, op.conv_2]
+    elif type(op) in (ReLUConvBN, DilConv, SepConv):
+        cand = _conv_candidate(index, op, op.op)
+        modules = list(op.op)[:-1]
+    elif type(op) is nn.Sequential and isinstance(op[0], nn.ReLU):
+        cand = _conv_candidate(index, op, op)
+        modules = list(op)[:-1]
+    elif type(op) is nn.Sequential and len(op) == 2 and type(op[0]) in (nn.MaxPool2d, nn.AvgPool2d):
         pool = op[0]
         if not (pool.kernel_size in (3, (3, 3)) and pool.padding in (1, (1, 1)) and not pool.ceil_mode
-                and getattr(pool, "count_include_pad", False) is False):
-            raise FastDartsError(f"fused backend: op {index} is not a 3x3 pool with padding 1: {pool}")
-        cand = _Candidate("bn", index, bn=op[1], pool_is_max=isinstance(pool, nn.MaxPool2d))
+                and getattr(pool, "dilation", 1) in (1, (1, 1)) and not getattr(pool, "return_indices", False)
+                and getattr(pool, "count_include_pad", False) is False
+                and getattr(pool, "divisor_override", None) is None):
+            raise _unsupported(index, op, f"has a {type(pool).__name__} that is not 3x3 with padding 1")
+        cand = _Candidate("bn", index, bn=op[1], pool_is_max=type(pool) is nn.MaxPool2d)
+        modules = []
     else:
-        raise FastDartsError(f"fused backend: no fused form for op {index} ({type(op).__name__})")
+        raise _unsupported(index, op, "has no fused form")
+    _check_plain(index, op, [*modules, cand.bn])  # every module the fused form replaces
     if cand.bn.affine:
-        raise FastDartsError(f"fused backend: op {index} ends in an affine BN; the supernet's are affine=False")
-    owner = cand.factorized_reduce or nn.ModuleList(cand.body)
-    cand.params = [p for name, p in owner.named_parameters() if not name.startswith("bn.")]
+        raise _unsupported(index, op, "ends in an affine BN; the supernet's are affine=False")
+    cand.slots = _param_slots(modules)
     return cand
 
 
-def _run_body(cand: _Candidate, inp: torch.Tensor, update_stats: bool, stride: int, ops: KernelOps) -> torch.Tensor:
-    """z = body(inp). Inner BNs update their running statistics only when
-    ``update_stats`` (the forward); the recompute uses the batch statistics
-    alone, which gives the same output without a second update."""
+def _resolve_params(cands: Sequence[_Candidate]) -> list[torch.Tensor]:
+    """The tensors the candidates' parameters are *now* (under
+    ``functional_call`` the substituted ones), in slot order."""
+    return [getattr(m, name) for cand in cands for m, name in cand.slots]
+
+
+def _count_batch(bn: nn.BatchNorm2d) -> float:
+    """Advance ``num_batches_tracked`` and return the momentum of this
+    update, as ``nn.BatchNorm2d.forward`` does (``momentum=None``: cumulative)."""
+    if bn.num_batches_tracked is None:
+        return 0.0 if bn.momentum is None else bn.momentum
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def _batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, params: Iterator[torch.Tensor],
+                update_stats: bool) -> torch.Tensor:
+    weight, bias = (next(params), next(params)) if bn.affine else (None, None)
+    if not update_stats:
+        # The recompute: batch statistics, running ones untouched (the forward moved them).
+        return F.batch_norm(h, None, None, weight, bias, True, 0.0, bn.eps)
+    momentum = _count_batch(bn) if bn.training and bn.track_running_stats else 0.0
+    use_running = not bn.training or bn.track_running_stats
+    return F.batch_norm(h, bn.running_mean if use_running else None, bn.running_var if use_running else None,
+                        weight, bias, bn.training or bn.running_mean is None, momentum, bn.eps)
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NCHW strides. ``contiguous()`` is not enough: a channels-last
+    1x1 conv weight counts as contiguous (its size-1 dims), yet its strides
+    make the convolution return a channels-last output."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _conv(conv: nn.Conv2d, h: torch.Tensor, params: Iterator[torch.Tensor]) -> torch.Tensor:
+    weight = next(params)
+    bias = next(params) if conv.bias is not None else None
+    # NCHW weights: the edge computes in NCHW whatever the model's memory
+    # format (a channels-last weight would make the output channels-last, and
+    # every kernel would copy it). Weights are tiny next to activations.
+    return F.conv2d(h, _nchw(weight), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _run_body(cand: _Candidate, inp: torch.Tensor, params: Sequence[torch.Tensor], update_stats: bool,
+              stride: int, ops: KernelOps) -> torch.Tensor:
+    """z = body(inp) with the given parameter tensors. Inner BNs update their
+    running statistics only when ``update_stats`` (the forward)."""
     if cand.pool_is_max is not None:
         return ops.pool3x3(inp, stride, cand.pool_is_max)
+    it = iter(params)
     if cand.factorized_reduce is not None:
         fr = cand.factorized_reduce
-        a, b = fr.conv_1(inp), fr.conv_2(inp[:, :, 1:, 1:])
+        a, b = _conv(fr.conv_1, inp, it), _conv(fr.conv_2, inp[:, :, 1:, 1:], it)
         if b.shape[-2:] != a.shape[-2:]:
             b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
         return torch.cat([a, b], dim=1)
     h = inp
     for m in cand.body:
-        if isinstance(m, _BN) and not update_stats and m.training:
-            h = F.batch_norm(h, None, None, m.weight, m.bias, True, 0.0, m.eps)
+        if type(m) is nn.Conv2d:
+            h = _conv(m, h, it)
+        elif type(m) is nn.BatchNorm2d:
+            h = _batch_norm(m, h, it, update_stats)
         else:
-            h = m(h)
+            h = F.relu(h)
     return h
 
 
-def _final_bn_stats(bn: _BN, z: torch.Tensor, update_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _final_bn_stats(bn: nn.BatchNorm2d, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) that BN normalises z with, updating the running
-    statistics exactly as ``nn.BatchNorm2d.forward`` would when asked."""
+    statistics exactly as ``nn.BatchNorm2d.forward`` would (the forward only)."""
     acc_dtype = accumulator_dtype(z.dtype)
     if bn.training and z.numel() // max(z.shape[1], 1) <= 1:
         # nn.BatchNorm2d's own check; the statistics kernel would divide by zero silently.
@@ -125,9 +218,8 @@ def _final_bn_stats(bn: _BN, z: torch.Tensor, update_stats: bool) -> tuple[torch
         return bn.running_mean.to(acc_dtype), (bn.running_var.to(acc_dtype) + bn.eps).rsqrt()
     running_mean = running_var = None
     momentum = 0.0
-    if update_stats and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        momentum = _count_batch(bn)
         running_mean, running_var = bn.running_mean, bn.running_var
     mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
     # A network cast whole to bf16 keeps bf16 statistics; the kernels take fp32.
@@ -140,21 +232,32 @@ def _zeros_like_output(x: torch.Tensor, stride: int, dtype: torch.dtype) -> torc
     return torch.zeros((n, c, math.ceil(h / stride), math.ceil(w / stride)), dtype=dtype, device=x.device)
 
 
+def _split(cands: Sequence[_Candidate], params: Sequence) -> list:
+    """``params`` (flat, slot order) cut into one list per candidate."""
+    out, first = [], 0
+    for cand in cands:
+        out.append(params[first:first + len(cand.slots)])
+        first += len(cand.slots)
+    return out
+
+
 def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights: torch.Tensor,
-                  update_stats: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """y and, per BN candidate, its (mean, invstd) flattened into one list."""
+                  params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """y and, per BN candidate, its (mean, invstd) flattened into one list.
+    Moves the running statistics (once per forward)."""
     ops = kernel_ops(x.device)
     acc_dtype = accumulator_dtype(x.dtype)
+    x = _nchw(x)  # once per edge (a channels-last x would be copied by every op)
     w = weights.to(acc_dtype)
     acc = None
     relu = F.relu(x) if any(c.on_relu for c in cands) else None
     stats: list[torch.Tensor] = []
-    for cand in cands:
+    for cand, cand_params in zip(cands, _split(cands, params)):
         if cand.kind == "identity":
             acc = x.to(acc_dtype) * w[cand.index] if acc is None else acc.addcmul_(x, w[cand.index])
         elif cand.kind == "bn":
-            z = _run_body(cand, relu if cand.on_relu else x, update_stats, stride, ops)
-            mean, invstd = _final_bn_stats(cand.bn, z, update_stats)
+            z = _run_body(cand, relu if cand.on_relu else x, cand_params, True, stride, ops)
+            mean, invstd = _final_bn_stats(cand.bn, z)
             if acc is None:
                 acc = torch.zeros(z.shape, dtype=acc_dtype, device=z.device)
             acc = ops.bn_accumulate(acc, z, mean, invstd, w[cand.index])
@@ -165,28 +268,22 @@ def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights
     return acc.to(x.dtype), stats
 
 
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    if device_type == "cuda":
-        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-
-
 class FusedMixedOpFunction(torch.autograd.Function):
-    """Forward keeps (x, weights, BN statistics); backward recomputes each op.
+    """Forward keeps (x, weights, BN statistics, parameter tensors); backward
+    recomputes each op from exactly those tensors.
 
-    ``params`` are every parameter the candidates use, in candidate order
-    (``_Candidate.params``), so that autograd accumulates their gradients."""
+    ``params`` are the tensors of every candidate's parameter slots, in
+    candidate order (``_resolve_params``)."""
 
     @staticmethod
     def forward(ctx, cands, stride, x, weights, *params):
-        y, stats = fused_forward(cands, stride, x, weights, update_stats=True)
+        y, stats = fused_forward(cands, stride, x, weights, params)
         ctx.cands, ctx.stride = cands, stride
-        # The recompute must run under the autocast state of the forward.
-        ctx.autocast = _autocast_state(x.device.type)
-        # Parameters are saved too so that an in-place change between forward
-        # and backward is caught by autograd's version check, as in the reference.
+        # The recompute runs under the forward's autocast state, on or off.
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        # Saving the parameters makes the recompute use the forward's tensors,
+        # and autograd's version check catches an in-place change in between.
         ctx.save_for_backward(x, weights, *stats, *params)
         ctx.num_stats = len(stats)
         return y
@@ -199,16 +296,24 @@ class FusedMixedOpFunction(torch.autograd.Function):
             # every term through this function. Refuse instead of being wrong.
             raise RuntimeError("the fused mixed-op backend has no double backward (create_graph=True); "
                                "use backend='reference' for higher-order gradients")
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        # Every op of the recompute runs under the forward's autocast state,
+        # whatever the state around this backward is.
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            return FusedMixedOpFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, weights, *rest = ctx.saved_tensors
-        stats = rest[: ctx.num_stats]
+        stats, params = rest[: ctx.num_stats], rest[ctx.num_stats:]
         need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         need_param = ctx.needs_input_grad[4:]
         cands = ctx.cands
         ops = kernel_ops(x.device)
         acc_dtype = accumulator_dtype(x.dtype)
+        x = _nchw(x)
         w = weights.to(acc_dtype)
-        dy = dy.contiguous()
-        device_type, autocast_on, autocast_dtype = ctx.autocast
+        dy = _nchw(dy)
 
         d_weights = torch.zeros(len(weights), dtype=acc_dtype, device=x.device) if need_w else None
         dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
@@ -218,9 +323,8 @@ class FusedMixedOpFunction(torch.autograd.Function):
         stat_iter = iter(stats)
         first = 0  # position of the candidate's first parameter in ``params``
         for cand in cands:
-            k, n_params = cand.index, len(cand.params)
-            positions = range(first, first + n_params)
-            first += n_params
+            k, positions = cand.index, range(first, first + len(cand.slots))
+            first = positions.stop
             if cand.kind == "identity":
                 if need_w:
                     d_weights[k] = torch.dot(dy.reshape(-1).to(acc_dtype), x.reshape(-1).to(acc_dtype))
@@ -231,21 +335,21 @@ class FusedMixedOpFunction(torch.autograd.Function):
                 continue
             mean, invstd = next(stat_iter), next(stat_iter)
             wanted = [i for i in positions if need_param[i]]
+            # Fresh leaves: the gradient is taken here, not through the outer graph.
+            cand_params = [params[i].detach().requires_grad_(need_param[i]) for i in positions]
             base = relu if cand.on_relu else x
-            with torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else contextlib.nullcontext():
-                if not (need_x or wanted):
-                    with torch.no_grad():
-                        z = _run_body(cand, base, False, ctx.stride, ops)
-                    if need_w:
-                        _, d_weights[k] = ops.bn_accumulate_backward(dy.to(z.dtype), z, mean, invstd, w[k], False)
-                    continue
-                inp = base.detach().requires_grad_(need_x)
-                with torch.enable_grad():
-                    z = _run_body(cand, inp, False, ctx.stride, ops)
+            if not (need_x or wanted):
+                z = _run_body(cand, base, cand_params, False, ctx.stride, ops)
+                if need_w:
+                    _, d_weights[k] = ops.bn_accumulate_backward(dy.to(z.dtype), z, mean, invstd, w[k], False)
+                continue
+            inp = base.detach().requires_grad_(need_x)
+            with torch.enable_grad():
+                z = _run_body(cand, inp, cand_params, False, ctx.stride, ops)
             dz, dw_k = ops.bn_accumulate_backward(dy.to(z.dtype), z.detach(), mean, invstd, w[k], True)
             if need_w:
                 d_weights[k] = dw_k
-            inputs = ([inp] if need_x else []) + [cand.params[i - positions.start] for i in wanted]
+            inputs = ([inp] if need_x else []) + [cand_params[i - positions.start] for i in wanted]
             grads = torch.autograd.grad(z, inputs, dz)
             if need_x:
                 (d_relu if cand.on_relu else dx).add_(grads[0])
@@ -262,29 +366,45 @@ class FusedMixedOpFunction(torch.autograd.Function):
                 *param_grads)
 
 
+def _module_ids(module: nn.Module) -> tuple[int, ...]:
+    """Identity of every submodule: a cheap key (about 5 µs an edge) that
+    changes when a module is replaced (``convert_sync_batchnorm``, a new op)."""
+    out: list[int] = []
+
+    def walk(m: nn.Module) -> None:
+        for child in m._modules.values():
+            if child is not None:
+                out.append(id(child))
+                walk(child)
+
+    walk(module)
+    return tuple(out)
+
+
 def _candidates(module: nn.Module, ops: Sequence[nn.Module]) -> list[_Candidate]:
-    """The candidates of an edge (or of a single op), built once and kept on
-    the module: the structure of an edge never changes, only its tensors
-    (replacing one of ``mixed.ops`` after the first forward is not seen)."""
+    """The candidates of an edge (or of a single op). The structure is cached
+    on the module and rebuilt when a submodule was replaced; tensors are never
+    cached (the cache holds the old modules, so their ids cannot be reused)."""
+    key = _module_ids(module)
     cached = module.__dict__.get("_fused_candidates")
-    if cached is None:
-        cached = [_candidate(k, op) for k, op in enumerate(ops)]
+    if cached is None or cached[0] != key:
+        cached = (key, [_candidate(k, op) for k, op in enumerate(ops)])
         module.__dict__["_fused_candidates"] = cached
-    return cached
+    return cached[1]
 
 
 def _any_bn_in_eval(cands: list[_Candidate]) -> bool:
     return any(not m.training for c in cands if c.kind == "bn"
-               for m in [c.bn, *(b for b in c.body if isinstance(b, _BN))])
+               for m in [c.bn, *(b for b in c.body if type(b) is nn.BatchNorm2d)])
 
 
 def _fused(cands: list[_Candidate], stride: int, x: torch.Tensor, weights: torch.Tensor,
            reference: Callable[[], torch.Tensor]) -> torch.Tensor:
-    params = [p for cand in cands for p in cand.params]
+    params = _resolve_params(cands)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weights.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
-        return fused_forward(cands, stride, x, weights, update_stats=True)[0]
+        return fused_forward(cands, stride, x, weights, params)[0]
     if _any_bn_in_eval(cands):
         # Gradients through BN with running statistics (a module in eval mode):
         # rare in a search, and the kernels' backward assumes batch statistics.

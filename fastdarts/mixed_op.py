@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from .errors import FastDartsError
@@ -79,13 +80,25 @@ def _running_stats_frozen(module: nn.Module):
                 m.num_batches_tracked.copy_(count)
 
 
+def _reference_with_params(mixed: MixedOp, names: list[list[str]], x: torch.Tensor, weights: torch.Tensor,
+                           *params: torch.Tensor) -> torch.Tensor:
+    """``mixed_op_reference`` with the ops' parameters given, not read from the modules."""
+    it = iter(params)
+    return sum(w * functional_call(op, {n: next(it) for n in op_names}, (x,))
+               for w, op, op_names in zip(weights, mixed.ops, names))
+
+
 def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``reference`` under ``torch.utils.checkpoint``: nothing inside the edge is
     kept, everything is recomputed in backward."""
     if not torch.is_grad_enabled():
         return mixed_op_reference(mixed, x, weights)
+    # The parameters are arguments, so the recompute uses the forward's tensors:
+    # by backward time a functional_call or a reload may have swapped them.
+    named = [list(op.named_parameters()) for op in mixed.ops]
     return checkpoint(
-        mixed_op_reference, mixed, x, weights,
+        _reference_with_params, mixed, [[n for n, _ in ps] for ps in named], x, weights,
+        *(p for ps in named for _, p in ps),
         use_reentrant=False,
         # The supernet draws no random numbers, so saving RNG state is waste.
         preserve_rng_state=False,

@@ -23,6 +23,7 @@ from .architect import Architect, frozen
 from .data import DeviceLoader, load_dataset
 from .errors import FastDartsError
 from .genotype import Genotype
+from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
@@ -176,6 +177,10 @@ class _Searcher:
             layers=None, layout=config.layout, ops=config.ops.split(","),
             steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
             backend=config.backend).to(self.device)
+        # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
+        self.kernels = kernel_backend(self.device) if config.backend == "fused" else None
+        log(f"mixed-op backend: {config.backend}" + (
+            f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
         self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=config.lr,
                                                 momentum=config.momentum, weight_decay=config.weight_decay)
         self.architect = Architect(self.model, self.weight_optimizer, order=config.order, lr=config.arch_lr,
@@ -187,7 +192,7 @@ class _Searcher:
     # -- checkpoints --------------------------------------------------------
     def _save_checkpoint(self) -> None:
         state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(), device_type=self.device.type,
-                     model=self.model.state_dict(),
+                     backend=self.config.backend, kernels=self.kernels, model=self.model.state_dict(),
                      weight_optimizer=self.weight_optimizer.state_dict(),
                      arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
         save_torch(self.checkpoint_path, state)
@@ -261,7 +266,8 @@ class _Searcher:
             start = time.perf_counter()
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
             set_lr(self.weight_optimizer, lr)
-            entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate())
+            entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate(),
+                         backend=cfg.backend, kernels=self.kernels)
             genotype = self.model.genotype()
             entropy = self.model.alpha_entropy()
             entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=self.model.alpha_weights(),

@@ -15,6 +15,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32(request):
+    """Exactness tests compare fp32 results within ~1e-5 of their scale: on
+    Ampere/Hopper cuDNN's default TF32 convolutions (10-bit mantissa) would
+    decide the outcome instead of the code under test. TF32 is off for every
+    test; tests marked ``tf32`` switch it on and use a TF32 tolerance."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    tf32 = request.node.get_closest_marker("tf32") is not None
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def tiny_net(**kw):
     """A supernet small enough for a test to run in well under a second."""
     from fastdarts import SearchNetwork

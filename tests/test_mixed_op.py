@@ -48,11 +48,22 @@ def test_mixed_op_is_the_weighted_sum():
     torch.testing.assert_close(op(x, w), expected)
 
 
-def test_checkpoint_in_no_grad_and_eval():
-    net = tiny_net().set_backend("checkpoint").eval()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_checkpoint_in_no_grad_gives_the_reference(mode):
+    torch.manual_seed(2)
+    ref = tiny_net()
+    ckpt = tiny_net()
+    ckpt.load_state_dict(ref.state_dict())
+    ckpt.set_backend("checkpoint")
+    x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        out = net(torch.randn(2, 3, 8, 8))
-    assert out.shape == (2, 5)
+        for net in (ref, ckpt):
+            net.train(mode == "train")
+            net(x)  # in train mode this moves the running statistics: the same for both
+        out_r, out_c = ref(x), ckpt(x)
+    assert torch.equal(out_c, out_r)
+    for (name, a), b in zip(ref.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_checkpoint_keeps_less_for_backward():

@@ -31,7 +31,14 @@ def test_cosine_schedule_matches_the_reference():
 
 
 def test_search_writes_every_output(tmp_path):
-    result = search(epochs=2, out=str(tmp_path), log=_quiet, **TINY)
+    from fastdarts.kernels.backend import kernel_backend
+
+    logged = []
+    result = search(epochs=2, out=str(tmp_path), log=logged.append, **TINY)
+    # The kernel implementation is printed first and recorded per epoch and in the checkpoint.
+    kernels = kernel_backend(torch.device("cpu"))
+    assert logged[0].startswith(f"mixed-op backend: fused, kernels: {kernels} (usable here: ")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["kernels"] == kernels
     assert isinstance(result.genotype, Genotype)
     data = json.loads((tmp_path / "genotype.json").read_text())
     assert set(data) == {"normal", "normal_concat", "reduce", "reduce_concat"}
@@ -41,6 +48,7 @@ def test_search_writes_every_output(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
+        assert m["backend"] == "fused" and m["kernels"] == kernels
         assert 0 <= m["train_acc"] <= 100 and 0 <= m["val_acc"] <= 100
         assert m["lr"] <= 0.025 and m["train_loss"] > 0
         assert len(m["alphas"]["normal"]) == 5 and len(m["alphas"]["normal"][0]) == 8

@@ -11,10 +11,18 @@ pools, compiled for the CPU only):
 ``FASTDARTS_BACKEND=<name>`` forces one (an error names what is usable if it
 cannot run); otherwise the fastest usable one for the tensor's device is
 taken. A missing build is reported only when someone asks for it.
+
+Importing is not working: a Triton kernel compiles on first use (an old
+ptxas or an architecture Triton does not know fails only then), and a CUDA
+kernel built for other architectures fails only at launch. So each compiled
+implementation runs once on tiny tensors of the device before it is chosen;
+one that fails is skipped for the next usable one with one warning naming the
+failure (or, when forced, is an error).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -71,24 +79,12 @@ def _why_missing(name: str) -> str:
     return "it does not run on this device"
 
 
-def kernel_backend(device: torch.device) -> str:
-    """The backend that runs kernels for tensors on ``device``."""
-    device_type = torch.device(device).type
-    forced = os.environ.get(ENV_VAR, "").strip()
-    if forced:
-        if forced not in KERNEL_BACKENDS:
-            raise FastDartsError(f"{ENV_VAR}={forced!r} is not a kernel backend; known: "
-                                 f"{', '.join(KERNEL_BACKENDS)}")
-        if not _usable_on(forced, device_type):
-            raise FastDartsError(f"{ENV_VAR}={forced} cannot run on {device_type}: {_why_missing(forced)}; "
-                                 f"usable here: {', '.join(available_backends())}")
-        return forced
-    return next(name for name in _DEFAULTS.get(device_type, ("ref",)) if _usable_on(name, device_type))
+# (backend, device) -> None if its kernels ran there, else why they failed.
+_PROBED: dict[tuple[str, torch.device], str | None] = {}
+_WARNED: set[tuple[tuple[str, ...], torch.device]] = set()  # each fallback is announced once
 
 
-def kernel_ops(device: torch.device) -> KernelOps:
-    """The two kernel functions of the backend chosen for ``device``."""
-    name = kernel_backend(device)
+def _ops_of(name: str) -> KernelOps:
     if name == "ref":
         return KernelOps(bn_accumulate_ref, bn_accumulate_backward_ref, pool3x3_ref)
     if name == "triton":
@@ -97,3 +93,74 @@ def kernel_ops(device: torch.device) -> KernelOps:
     # cpp and cuda are the same dispatcher ops; the tensor's device picks the kernel.
     pool = torch.ops.fastdarts.pool3x3 if name == "cpp" and extension.HAS_POOL_KERNELS else pool3x3_ref
     return KernelOps(torch.ops.fastdarts.bn_accumulate, torch.ops.fastdarts.bn_accumulate_backward, pool)
+
+
+def _probe(name: str, device: torch.device) -> str | None:
+    """Run every kernel of ``name`` once on tiny tensors (compiling it if it
+    must be); the failure as one line, or None."""
+    if name == "ref" or device.type == "meta":
+        return None
+    ops = _ops_of(name)
+    try:
+        z = torch.linspace(-1.0, 1.0, 2 * 3 * 5 * 5, device=device).reshape(2, 3, 5, 5)
+        mean, invstd, weight = z.new_zeros(3), z.new_ones(3), z.new_ones(())
+        ops.bn_accumulate(torch.zeros_like(z), z, mean, invstd, weight)
+        ops.bn_accumulate_backward(z, z, mean, invstd, weight, True)
+        for stride in (1, 2):
+            ops.pool3x3(z, stride, True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a launch failure shows here at the latest
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first_line}"
+    return None
+
+
+def _probed(name: str, device: torch.device) -> str | None:
+    key = (name, device)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(name, device)
+    return _PROBED[key]
+
+
+def _normalised(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def kernel_backend(device: torch.device | str) -> str:
+    """The backend that runs kernels for tensors on ``device``."""
+    device = _normalised(device)
+    device_type = device.type
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if forced:
+        if forced not in KERNEL_BACKENDS:
+            raise FastDartsError(f"{ENV_VAR}={forced!r} is not a kernel backend; known: "
+                                 f"{', '.join(KERNEL_BACKENDS)}")
+        if not _usable_on(forced, device_type):
+            raise FastDartsError(f"{ENV_VAR}={forced} cannot run on {device_type}: {_why_missing(forced)}; "
+                                 f"usable here: {', '.join(available_backends())}")
+        failure = _probed(forced, device)
+        if failure is not None:
+            raise FastDartsError(f"{ENV_VAR}={forced}: its kernels fail on {device} ({failure})")
+        return forced
+    failed = []
+    for name in _DEFAULTS.get(device_type, ("ref",)):
+        if not _usable_on(name, device_type):
+            continue
+        failure = _probed(name, device)
+        if failure is None:
+            if failed and (tuple(failed), device) not in _WARNED:
+                _WARNED.add((tuple(failed), device))
+                warnings.warn(f"fastdarts: {'; '.join(failed)}; using the {name} kernels on {device} instead",
+                              RuntimeWarning, stacklevel=2)
+            return name
+        failed.append(f"the {name} kernels fail on {device} ({failure})")
+    raise AssertionError("unreachable: the ref kernels always run")
+
+
+def kernel_ops(device: torch.device) -> KernelOps:
+    """The kernel functions of the backend chosen for ``device``."""
+    return _ops_of(kernel_backend(device))
