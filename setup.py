@@ -190,7 +190,8 @@ def _extension_kwargs() -> dict:
                                  extra_link_args=list(link_flags))
     extensions = [cpu_extension]
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and (force_cuda or not torch.cuda.is_available()):
+        # With a visible GPU torch builds for it; the default list is for builds without one.
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         extensions.insert(0, CUDAExtension(
             "fastdarts._C",

@@ -28,8 +28,10 @@ on its modules at every call (so ``torch.func.functional_call``,
 the Function as inputs (so autograd accumulates their gradients, hooks and
 DDP included) and applied functionally from what the Function saved. What is
 cached is only the edge's structure, checked against its modules each call.
-Only plain modules are fused (exact types): a subclass such as
-``SyncBatchNorm`` computes something the recompute cannot, and is an error.
+Only plain modules are fused (exact types) and without module hooks: a
+subclass such as ``SyncBatchNorm``, or a hook, computes something the
+recompute cannot, and is an error. (Global module hooks, such as profilers
+register, are not run for the modules inside a fused edge.)
 """
 from __future__ import annotations
 
@@ -214,11 +216,13 @@ def _final_bn_stats(bn: nn.BatchNorm2d, z: torch.Tensor) -> tuple[torch.Tensor, 
     if bn.training and z.numel() // max(z.shape[1], 1) <= 1:
         # nn.BatchNorm2d's own check; the statistics kernel would divide by zero silently.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}")
-    if not bn.training and bn.track_running_stats:
+    # nn.BatchNorm2d's rules: eval mode normalises with the running statistics
+    # whenever they exist; training mode moves them only when tracking.
+    if not bn.training and bn.running_mean is not None:
         return bn.running_mean.to(acc_dtype), (bn.running_var.to(acc_dtype) + bn.eps).rsqrt()
     running_mean = running_var = None
     momentum = 0.0
-    if bn.track_running_stats:
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
         momentum = _count_batch(bn)
         running_mean, running_var = bn.running_mean, bn.running_var
     mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
@@ -281,7 +285,8 @@ class FusedMixedOpFunction(torch.autograd.Function):
         ctx.cands, ctx.stride = cands, stride
         # The recompute runs under the forward's autocast state, on or off.
         device_type = x.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.autocast = ((device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+                        if torch.amp.is_autocast_available(device_type) else None)
         # Saving the parameters makes the recompute use the forward's tensors,
         # and autograd's version check catches an in-place change in between.
         ctx.save_for_backward(x, weights, *stats, *params)
@@ -296,6 +301,8 @@ class FusedMixedOpFunction(torch.autograd.Function):
             # every term through this function. Refuse instead of being wrong.
             raise RuntimeError("the fused mixed-op backend has no double backward (create_graph=True); "
                                "use backend='reference' for higher-order gradients")
+        if ctx.autocast is None:  # a device without autocast (meta)
+            return FusedMixedOpFunction._backward(ctx, dy)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         # Every op of the recompute runs under the forward's autocast state,
         # whatever the state around this backward is.
@@ -366,16 +373,34 @@ class FusedMixedOpFunction(torch.autograd.Function):
                 *param_grads)
 
 
-def _module_ids(module: nn.Module) -> tuple[int, ...]:
-    """Identity of every submodule: a cheap key (about 5 µs an edge) that
-    changes when a module is replaced (``convert_sync_batchnorm``, a new op)."""
-    out: list[int] = []
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _structure_key(module: nn.Module) -> tuple:
+    """What the fused form of an edge depends on beyond its tensors: every
+    submodule's identity (a replaced module, ``convert_sync_batchnorm``), a
+    conv's padding mode and bias slot, a BN's affine slot. About 15 µs an
+    edge. Module hooks are refused here: the fused form never calls the
+    modules, so their hooks (and what is built on them: old-style
+    ``spectral_norm``, ``weight_norm``, pruning) would silently not run."""
+    out: list = []
 
     def walk(m: nn.Module) -> None:
-        for child in m._modules.values():
-            if child is not None:
+        for name, child in m._modules.items():
+            if child is None:
+                continue
+            if any(getattr(child, d) for d in _HOOK_DICTS):
+                raise FastDartsError(
+                    f"fused backend: module {name!r} ({type(child).__name__}) of an edge has a module hook, which "
+                    "the fused recompute does not run; use backend='reference' (--backend reference)")
+            kind = type(child)
+            if kind is nn.Conv2d:
+                out.append((id(child), child.padding_mode, child._parameters.get("bias") is None))
+            elif kind is nn.BatchNorm2d:
+                out.append((id(child), child._parameters.get("weight") is None))
+            else:
                 out.append(id(child))
-                walk(child)
+            walk(child)
 
     walk(module)
     return tuple(out)
@@ -383,9 +408,10 @@ def _module_ids(module: nn.Module) -> tuple[int, ...]:
 
 def _candidates(module: nn.Module, ops: Sequence[nn.Module]) -> list[_Candidate]:
     """The candidates of an edge (or of a single op). The structure is cached
-    on the module and rebuilt when a submodule was replaced; tensors are never
-    cached (the cache holds the old modules, so their ids cannot be reused)."""
-    key = _module_ids(module)
+    on the module and rebuilt (and so checked again) when its key changes;
+    tensors are never cached (the cache holds the old modules, so their ids
+    cannot be reused)."""
+    key = _structure_key(module)
     cached = module.__dict__.get("_fused_candidates")
     if cached is None or cached[0] != key:
         cached = (key, [_candidate(k, op) for k, op in enumerate(ops)])
@@ -434,5 +460,8 @@ def fused_preprocess(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     stride = 2 if isinstance(module, FactorizedReduce) else 1
     one = _ONE.get(x.device)
     if one is None:
-        one = _ONE[x.device] = torch.ones(1, device=x.device)
+        # Not an inference tensor even if the first call is under inference_mode:
+        # a later training step saves it for backward.
+        with torch.inference_mode(False):
+            one = _ONE[x.device] = torch.ones(1, device=x.device)
     return _fused(cands, stride, x, one, lambda: module(x))

@@ -579,3 +579,69 @@ def test_weight_hooks_fire_once_as_on_the_reference():
         x = torch.randn(2, 4, 5, 5, requires_grad=True)
         edge(x, torch.tensor([0.2, 0.3, 0.5])).sum().backward()
     assert counts == {"reference": 1, "fused": 1}
+
+
+@pytest.mark.parametrize("hook", ["forward_hook", "spectral_norm"])
+def test_module_hooks_are_refused_not_skipped(hook):
+    """The fused form never calls the modules, so a module hook (and old-style
+    spectral_norm, built on one) would silently not run."""
+    from fastdarts.errors import FastDartsError
+
+    edge = _edge("fused")
+    x, w = torch.randn(2, 4, 5, 5), torch.tensor([0.2, 0.3, 0.5])
+    edge(x, w)  # the structure is cached by now: the hook must still be seen
+    if hook == "forward_hook":
+        edge.ops[0].op[-1].register_forward_hook(lambda m, i, o: o * 2)
+    else:
+        torch.nn.utils.spectral_norm(edge.ops[0].op[1])
+    with pytest.raises(FastDartsError, match="module hook"):
+        edge(x, w)
+
+
+def test_settings_changed_after_the_first_forward_are_checked_again():
+    from fastdarts.errors import FastDartsError
+
+    edge = _edge("fused")
+    x, w = torch.randn(2, 4, 5, 5), torch.tensor([0.2, 0.3, 0.5])
+    edge(x, w)
+    edge.ops[0].op[1].padding_mode = "circular"
+    with pytest.raises(FastDartsError, match="padding_mode='circular'"):
+        edge(x, w)
+
+
+def test_eval_mode_uses_running_statistics_whenever_they_exist():
+    """nn.BatchNorm2d in eval mode normalises with its buffers even after
+    ``track_running_stats`` was switched off; so must the fused forward."""
+    torch.manual_seed(22)
+    ref, fused = _edge("reference"), _edge("fused")
+    x, w = torch.randn(3, 4, 6, 6), torch.softmax(torch.randn(3), 0)
+    with torch.no_grad():
+        for edge in (ref, fused):
+            edge(x * 3 + 1, w)  # move the running statistics away from the batch's
+            for b in edge.modules():
+                if isinstance(b, torch.nn.BatchNorm2d):
+                    b.track_running_stats = False
+            edge.eval()
+        torch.testing.assert_close(fused(x, w), ref(x, w), rtol=1e-5, atol=1e-6)
+
+
+def test_first_call_under_inference_mode_does_not_poison_training(monkeypatch):
+    import fastdarts.fused_mixed_op as fmo
+
+    monkeypatch.setattr(fmo, "_ONE", {})
+    net = tiny_net(backend="fused")
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    with torch.inference_mode():
+        net(x)
+    net.loss(x, y).backward()
+    assert net.alpha_normal.grad is not None
+
+
+def test_no_probe_is_cached_under_a_fake_tensor_mode(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fastdarts.kernels import backend
+
+    monkeypatch.setattr(backend, "_PROBED", {})
+    with FakeTensorMode():
+        assert backend._probed("cpp", torch.device("cpu")) is None
+    assert backend._PROBED == {}

@@ -97,17 +97,20 @@ def _ops_of(name: str) -> KernelOps:
 
 def _probe(name: str, device: torch.device) -> str | None:
     """Run every kernel of ``name`` once on tiny tensors (compiling it if it
-    must be); the failure as one line, or None."""
-    if name == "ref" or device.type == "meta":
-        return None
+    must be), in each dtype the search may give it; the failure as one line,
+    or None."""
     ops = _ops_of(name)
+    # Triton compiles per dtype (bf16 fails on GPUs without it); the interpreter has no bf16.
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
     try:
-        z = torch.linspace(-1.0, 1.0, 2 * 3 * 5 * 5, device=device).reshape(2, 3, 5, 5)
-        mean, invstd, weight = z.new_zeros(3), z.new_ones(3), z.new_ones(())
-        ops.bn_accumulate(torch.zeros_like(z), z, mean, invstd, weight)
-        ops.bn_accumulate_backward(z, z, mean, invstd, weight, True)
-        for stride in (1, 2):
-            ops.pool3x3(z, stride, True)
+        for dtype in dtypes:
+            z = torch.linspace(-1.0, 1.0, 2 * 3 * 5 * 5, device=device).reshape(2, 3, 5, 5).to(dtype)
+            mean, invstd, weight = (torch.full(shape, value, device=device) for shape, value in
+                                    (((3,), 0.0), ((3,), 1.0), ((), 1.0)))
+            ops.bn_accumulate(torch.zeros(z.shape, device=device), z, mean, invstd, weight)
+            ops.bn_accumulate_backward(z, z, mean, invstd, weight, True)
+            for stride in (1, 2):
+                ops.pool3x3(z, stride, True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a launch failure shows here at the latest
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels
@@ -116,9 +119,20 @@ def _probe(name: str, device: torch.device) -> str | None:
     return None
 
 
+def _can_probe(device: torch.device) -> bool:
+    """Whether tiny real kernels can run now: not on meta tensors, not under
+    a fake-tensor mode (torch.compile tracing: nothing would run), not while a
+    CUDA graph is being captured (the probe's synchronisation would break it)."""
+    if device.type == "meta" or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _probed(name: str, device: torch.device) -> str | None:
     key = (name, device)
     if key not in _PROBED:
+        if name == "ref" or not _can_probe(device):
+            return None  # ref always runs; otherwise decided (and cached) at the first real call
         _PROBED[key] = _probe(name, device)
     return _PROBED[key]
 
