@@ -3,12 +3,13 @@
 #   1. build fastdarts._C with its CUDA kernels against the installed CUDA torch;
 #   2. the CUDA tests: compiled kernels, Triton kernels (real GPU, not the
 #      interpreter), fused vs reference on CUDA;
-#   3. the search-step benchmark at the paper's setting (C=16, 8 layers,
+#   3. the kernel micro-benchmarks (benchmarks/test_kernels.py), if pytest-benchmark is installed;
+#   4. the search-step benchmark at the paper's setting (C=16, 8 layers,
 #      batch 64, 32x32, 8 ops), first and second order, every backend, each
 #      in a fresh process;
-#   4. the largest batch each backend fits (second order) and its images/s.
+#   5. the largest batch each backend fits (second order) and its images/s.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
-# Writes OUT_DIR/{build.log,gpu_tests.log,gpu_search_step.json,gpu_max_batch.json}.
+# Writes OUT_DIR/{build.log,gpu_tests.log,gpu_kernels.{json,log},gpu_search_step.json,gpu_max_batch.json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/fastdarts-gpu}}
@@ -35,11 +36,22 @@ python3 -m pytest -q tests/test_kernels_cpp.py tests/test_kernels_triton.py test
 echo "== fused with the compiled CUDA kernels instead of Triton"
 FASTDARTS_BACKEND=cuda python3 -m pytest -q tests/test_fused_mixed_op.py -k "cuda" 2>&1 | tail -n 3 || status=1
 
+echo "== kernel micro-benchmarks (CPU and GPU; needs pytest-benchmark, the 'bench' extra)"
+if python3 -c "import pytest_benchmark" 2>/dev/null; then
+  python3 -m pytest benchmarks --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.2 -p no:cacheprovider \
+    --benchmark-json "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.log" \
+    | awk '/kernel median \/ ref median/{on=1} /benchmark .*: [0-9]+ tests/{on=0} on; END{print}' || status=1
+else
+  echo "pytest-benchmark is not installed: skipped"
+fi
+
 echo "== search step at the paper's setting"
 python3 benchmarks/search_step.py --device cuda --order both --channels 16 --layers 8 --batch-size 64 \
   --warmup 2 --repeat 10 --json "$out/gpu_search_step.json" || status=1
 
 echo "== largest batch per backend (second order)"
+# No op count here: it is the search-step run's (aten_ops_per_step), and each
+# of these many workers would count again on a CPU copy.
 python3 benchmarks/search_step.py --device cuda --order second --channels 16 --layers 8 --batch-size 64 \
-  --warmup 0 --repeat 2 --find-max-batch --json "$out/gpu_max_batch.json" || status=1
+  --warmup 0 --repeat 2 --find-max-batch --no-op-count --json "$out/gpu_max_batch.json" || status=1
 exit $status

@@ -18,6 +18,10 @@ weigh most on the leanest backend. Then:
   meaningful figure: memory freed by a step stays resident in the C heap,
   so the peak of a later step above its baseline says little.
 The step time is the median of ``--repeat`` steps after ``--warmup`` more.
+``aten_ops_per_step`` (column ``aten ops``) is the number of ATen (and
+fastdarts) ops one step dispatches, counted on the CPU after the
+measurements (``op_count.py``, which also lists the most frequent ones;
+``--no-op-count`` skips it).
 
     python benchmarks/search_step.py --device cpu --order second --batch-size 64 --layers 8
     # memory against the number of candidate ops (4..10 of the extended list), with a plot
@@ -81,24 +85,61 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def build_search(backend: str, order: str, ops: str, channels: int, layers: int, batch_size: int,
+                 image_size: int, device, recompute: str = "edge"):
+    """The benchmark's configuration: ``(model, sgd, architect, [train_batch, val_batch])``."""
+    import torch
+
+    from fastdarts import Architect, EXTENDED_OPS, SearchNetwork, resolve_ops
+
+    torch.manual_seed(0)
+    device = torch.device(device)
+    op_names = EXTENDED_OPS[: int(ops)] if ops.isdigit() else resolve_ops(ops)
+    model = SearchNetwork(C=channels, num_classes=10, layers=layers, ops=op_names, backend=backend,
+                          recompute=recompute).to(device)
+    sgd = torch.optim.SGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    architect = Architect(model, sgd, order=order)
+    shape = (batch_size, 3, image_size, image_size)
+    # Pixel values do not change time or memory; random batches keep the benchmark offline.
+    batches = [(torch.randn(shape, device=device), torch.randint(0, 10, (batch_size,), device=device))
+               for _ in range(2)]
+    return model, sgd, architect, batches
+
+
+def aten_ops_per_step(args, model, sgd, architect, batches) -> int:
+    """The ops dispatched by one search step, counted on the CPU (op_count.py).
+
+    After the measurements, so the counting mode's overhead touches neither
+    memory nor time. On the CPU: one more step of the measured objects, which
+    are warmed up. On CUDA: a CPU copy of the configuration, warmed up by one
+    step, because the optimisers and the gradient clipping dispatch
+    ``_foreach_*`` ops on CUDA tensors where they loop over the parameters on
+    CPU ones; the model's ops are the same on both. The copy runs a batch of
+    ``--warmup-batch`` images (2 if 0): the count does not depend on the
+    batch size, and a full batch on the CPU would take long.
+    """
+    from op_count import count_step
+
+    from fastdarts.search_loop import search_step
+
+    if args.device != "cpu":
+        batch = min(args.batch_size, args.warmup_batch or 2)
+        model, sgd, architect, batches = build_search(args.backend, args.order, args.ops, args.channels,
+                                                      args.layers, batch, args.image_size, "cpu", args.recompute)
+        search_step(model, architect, sgd, batches[0], batches[1], 5.0)
+    return sum(count_step(model, architect, sgd, batches[0], batches[1], 5.0).values())
+
+
 def worker(args) -> dict:
     """Runs in its own process: build, warm up, measure one backend."""
     import torch
 
-    from fastdarts import Architect, EXTENDED_OPS, SearchNetwork, resolve_ops
     from fastdarts.search_loop import search_step
 
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    ops = EXTENDED_OPS[: int(args.ops)] if args.ops.isdigit() else resolve_ops(args.ops)
-    model = SearchNetwork(C=args.channels, num_classes=10, layers=args.layers, ops=ops,
-                          backend=args.backend).to(device)
-    sgd = torch.optim.SGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
-    architect = Architect(model, sgd, order=args.order)
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
-    # Pixel values do not change time or memory; random batches keep the benchmark offline.
-    batches = [(torch.randn(shape, device=device), torch.randint(0, 10, (args.batch_size,), device=device))
-               for _ in range(2)]
+    model, sgd, architect, batches = build_search(args.backend, args.order, args.ops, args.channels, args.layers,
+                                                  args.batch_size, args.image_size, device, args.recompute)
+    ops = model.op_names
 
     if args.warmup_batch:
         small = [(b[0][: args.warmup_batch], b[1][: args.warmup_batch]) for b in batches]
@@ -117,9 +158,11 @@ def worker(args) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    return dict(backend=args.backend, order=args.order, num_ops=len(ops), batch_size=args.batch_size,
+    aten_ops = aten_ops_per_step(args, model, sgd, architect, batches) if args.op_count else None
+    return dict(backend=args.backend, recompute=args.recompute, order=args.order, num_ops=len(ops),
+                batch_size=args.batch_size,
                 peak_memory_bytes=peak,
-                step_seconds=step, images_per_second=args.batch_size / step)
+                step_seconds=step, images_per_second=args.batch_size / step, aten_ops_per_step=aten_ops)
 
 
 def device_name(device: str) -> str:
@@ -136,29 +179,31 @@ def device_name(device: str) -> str:
 
 
 def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None = None,
-                oom_ok: bool = False) -> dict | None:
+                oom_ok: bool = False, recompute: str = "edge") -> dict | None:
     """One measurement in a fresh process; None if it ran out of memory and
     ``oom_ok`` (the batch does not fit)."""
     cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--order", order, "--ops", ops,
-           "--batch-size", str(batch_size or args.batch_size)]
+           "--batch-size", str(batch_size or args.batch_size), "--recompute", recompute]
     for flag in ("device", "channels", "layers", "image_size", "warmup", "repeat", "warmup_batch"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if not args.op_count:
+        cmd.append("--no-op-count")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         if oom_ok and "out of memory" in proc.stderr.lower():
             return None
         print(proc.stderr, file=sys.stderr)
-        raise SystemExit(f"{backend}/{order}/{ops} ops failed (exit {proc.returncode})")
+        raise SystemExit(f"{backend}/{recompute}/{order}/{ops} ops failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def find_max_batch(args, backend: str, order: str) -> dict:
+def find_max_batch(args, backend: str, order: str, recompute: str = "edge") -> dict:
     """The largest batch (to within 1/8) whose full search step fits: double
     from --batch-size until a step runs out of memory, then bisect."""
     fits, best, too_big = 0, None, None
     batch = args.batch_size
     while too_big is None:
-        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True)
+        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute)
         if result is None:
             too_big = batch
         else:
@@ -167,7 +212,7 @@ def find_max_batch(args, backend: str, order: str) -> dict:
             raise SystemExit(f"{backend}/{order}: even batch {batch} does not fit; lower --batch-size")
     while too_big - fits > max(1, fits // 8):
         batch = (fits + too_big) // 2
-        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True)
+        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute)
         if result is None:
             too_big = batch
         else:
@@ -176,17 +221,21 @@ def find_max_batch(args, backend: str, order: str) -> dict:
 
 
 def _ratio(results: list[dict], r: dict, baseline: str, key: str) -> str:
+    """r's ``key`` over the ``baseline`` backend's (recompute "edge") of the same order and ops."""
     base = next((x for x in results if x["order"] == r["order"] and x["num_ops"] == r["num_ops"]
-                 and x["backend"] == baseline), None)
+                 and x["backend"] == baseline and x.get("recompute", "edge") == "edge"), None)
     return f"{r[key] / base[key]:.3f}" if base else "-"
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'order':<7} {'backend':<11} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} "
+    print(f"{'order':<7} {'backend':<11} {'recomp':<6} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} {'aten ops':>8} "
           f"{'mem/ref':>8} {'mem/ckpt':>9} {'time/ref':>9} {'time/ckpt':>10}")
     for r in results:
-        print(f"{r['order']:<7} {r['backend']:<11} {r['num_ops']:>3} {r['peak_memory_bytes'] / 2**20:>9.1f} "
+        aten_ops = r.get("aten_ops_per_step")  # absent from older JSON, None with --no-op-count
+        print(f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} {r['num_ops']:>3} "
+              f"{r['peak_memory_bytes'] / 2**20:>9.1f} "
               f"{r['step_seconds']:>8.3f} {r['images_per_second']:>7.1f} "
+              f"{'-' if aten_ops is None else aten_ops:>8} "
               f"{_ratio(results, r, 'reference', 'peak_memory_bytes'):>8} "
               f"{_ratio(results, r, 'checkpoint', 'peak_memory_bytes'):>9} "
               f"{_ratio(results, r, 'reference', 'step_seconds'):>9} "
@@ -231,6 +280,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends")
+    p.add_argument("--recompute", default="edge",
+                   help="comma-separated recompute modes (edge, cell), each measured with every backend")
     p.add_argument("--ops", default="8", help="a count 4..10 (first N of the extended list) or an op-set/op names")
     p.add_argument("--sweep-ops", action="store_true", help="run every op count 4..10 (memory against |O|)")
     p.add_argument("--find-max-batch", action="store_true",
@@ -244,6 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed steps; the median is reported")
     p.add_argument("--warmup-batch", type=int, default=2,
                    help="images in the warm-up step before the memory baseline (0: none)")
+    p.add_argument("--no-op-count", dest="op_count", action="store_false",
+                   help="skip counting the ops dispatched per step (aten_ops_per_step)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="with --sweep-ops: write the memory plot (PNG) here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -261,14 +314,16 @@ def main(argv=None) -> int:
     orders = ("first", "second") if args.order == "both" else (args.order,)
     op_counts = [str(n) for n in range(4, 11)] if args.sweep_ops else [args.ops]
     if args.find_max_batch:
-        results = [find_max_batch(args, backend, order) for order in orders for backend in args.backends.split(",")]
+        results = [find_max_batch(args, backend, order, mode) for order in orders
+                   for mode in args.recompute.split(",") for backend in args.backends.split(",")]
     else:
-        results = [_run_worker(args, backend, order, ops)
-                   for order in orders for ops in op_counts for backend in args.backends.split(",")]
+        results = [_run_worker(args, backend, order, ops, recompute=mode)
+                   for order in orders for ops in op_counts for mode in args.recompute.split(",")
+                   for backend in args.backends.split(",")]
 
     config = dict(channels=args.channels, layers=args.layers, batch_size=args.batch_size,
                   image_size=args.image_size, ops=",".join(op_counts), warmup=args.warmup, repeat=args.repeat,
-                  warmup_batch=args.warmup_batch)
+                  warmup_batch=args.warmup_batch, aten_ops_counted_on="cpu")
     from fastdarts.kernels.backend import kernel_backend
 
     kernels = kernel_backend(torch.device(args.device))

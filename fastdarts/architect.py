@@ -91,7 +91,9 @@ class Architect:
     def arch_gradients(self, x_train, y_train, x_val, y_val) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The architecture gradient of this step and the validation loss,
         leaving weights, α and BN statistics unchanged."""
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        buffers = list(self.model.buffers())
+        with torch.no_grad():
+            saved_buffers = [b.clone() for b in buffers]
         try:
             if self.order == "first":
                 with frozen(self.model.weight_parameters()):
@@ -100,8 +102,8 @@ class Architect:
             return self._second_order(x_train, y_train, x_val, y_val)
         finally:
             with torch.no_grad():
-                for b, saved in zip(self.model.buffers(), buffers):
-                    b.copy_(saved)
+                if buffers:
+                    torch._foreach_copy_(buffers, saved_buffers)  # one launch, not one per buffer
 
     @torch.no_grad()
     def _virtual_step(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -119,7 +121,8 @@ class Architect:
         model = self.model
         alphas, weights = model.arch_parameters(), model.weight_parameters()
         xi = self.weight_optimizer.param_groups[0]["lr"]
-        saved = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            saved = [w.clone() for w in weights]
         try:
             # w' = one virtual SGD step on the train batch.
             with frozen(alphas):
@@ -129,9 +132,9 @@ class Architect:
             grads = _grads(val_loss, alphas + weights)
             d_alpha, v = grads[: len(alphas)], grads[len(alphas):]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v]))
-            if norm == 0:
-                return d_alpha, val_loss.detach()
-            eps = 0.01 / norm
+            # ε = 0.01/‖v‖ on the device (an `if norm == 0` would synchronise). For
+            # v = 0 the floor keeps ε finite: w± = w, so the difference term is 0.
+            eps = 0.01 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
             def train_alpha_grad(sign: float) -> list[torch.Tensor]:
                 with torch.no_grad():

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from .errors import FastDartsError
 from .genotype import GENOTYPES, get_genotype
 from .mixed_op import MIXED_OP_BACKENDS
+from .recompute import RECOMPUTE_MODES
 from .search_loop import SearchConfig, search
 from .train_loop import TrainConfig, train
 
@@ -70,6 +71,9 @@ def search_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=list(MIXED_OP_BACKENDS), default=d.backend,
                      help="mixed-op implementation: fused (memory-lean kernels), reference (the original "
                           "code's), checkpoint (torch.utils.checkpoint); FASTDARTS_BACKEND picks the kernels")
+    run.add_argument("--recompute", choices=list(RECOMPUTE_MODES), default=d.recompute,
+                     help="edge: what the backend keeps; cell: each cell keeps only its inputs and rebuilds "
+                          "its nodes in backward (less memory, one more forward per cell, same results)")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--out", default=d.out, help="output directory (checkpoint, metrics, genotype, pictures)")

@@ -45,6 +45,7 @@ from torch import nn
 
 from .errors import FastDartsError
 from .kernels.backend import KernelOps, kernel_ops
+from .kernels import meta_kernels  # noqa: F401  (Meta kernels: steps run on the meta device)
 from .kernels.bn_accumulate import accumulator_dtype
 from .ops import DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv, Zero
 
@@ -142,13 +143,29 @@ def _resolve_params(cands: Sequence[_Candidate]) -> list[torch.Tensor]:
     return [getattr(m, name) for cand in cands for m, name in cand.slots]
 
 
-def _count_batch(bn: nn.BatchNorm2d) -> float:
-    """Advance ``num_batches_tracked`` and return the momentum of this
-    update, as ``nn.BatchNorm2d.forward`` does (``momentum=None``: cumulative)."""
-    if bn.num_batches_tracked is None:
-        return 0.0 if bn.momentum is None else bn.momentum
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+def _tracks(bn: nn.BatchNorm2d) -> bool:
+    """Whether a training-mode forward moves ``bn``'s running statistics."""
+    return bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
+def _update_running(bn: nn.BatchNorm2d, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z's batch (mean, biased var); moves ``bn``'s running statistics as
+    ``nn.BatchNorm2d.forward`` does in training mode, without reading a
+    device value on the host (its ``momentum=None`` branch calls ``float()``)."""
+    if not _tracks(bn):
+        return torch.batch_norm_update_stats(z, None, None, 0.0)
+    counter = bn.num_batches_tracked
+    if counter is not None:
+        counter.add_(1)
+    if bn.momentum is not None:
+        return torch.batch_norm_update_stats(z, bn.running_mean, bn.running_var, bn.momentum)
+    mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
+    if counter is not None:  # the cumulative average: weight 1/batches, kept on the device
+        weight = counter.reciprocal().to(bn.running_mean.dtype)
+        n = z.numel() // z.shape[1]
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), weight)
+        bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), weight)
+    return mean, var
 
 
 def _batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, params: Iterator[torch.Tensor],
@@ -157,10 +174,16 @@ def _batch_norm(bn: nn.BatchNorm2d, h: torch.Tensor, params: Iterator[torch.Tens
     if not update_stats:
         # The recompute: batch statistics, running ones untouched (the forward moved them).
         return F.batch_norm(h, None, None, weight, bias, True, 0.0, bn.eps)
-    momentum = _count_batch(bn) if bn.training and bn.track_running_stats else 0.0
-    use_running = not bn.training or bn.track_running_stats
-    return F.batch_norm(h, bn.running_mean if use_running else None, bn.running_var if use_running else None,
-                        weight, bias, bn.training or bn.running_mean is None, momentum, bn.eps)
+    if not bn.training and bn.running_mean is not None:
+        return F.batch_norm(h, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+    if _tracks(bn) and bn.momentum is not None:
+        # One pass that normalises and moves the statistics, exactly nn.BatchNorm2d's.
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        return F.batch_norm(h, bn.running_mean, bn.running_var, weight, bias, True, bn.momentum, bn.eps)
+    if _tracks(bn):  # momentum=None
+        _update_running(bn, h)
+    return F.batch_norm(h, None, None, weight, bias, True, 0.0, bn.eps)
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
@@ -220,12 +243,7 @@ def _final_bn_stats(bn: nn.BatchNorm2d, z: torch.Tensor) -> tuple[torch.Tensor, 
     # whenever they exist; training mode moves them only when tracking.
     if not bn.training and bn.running_mean is not None:
         return bn.running_mean.to(acc_dtype), (bn.running_var.to(acc_dtype) + bn.eps).rsqrt()
-    running_mean = running_var = None
-    momentum = 0.0
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        momentum = _count_batch(bn)
-        running_mean, running_var = bn.running_mean, bn.running_var
-    mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
+    mean, var = _update_running(bn, z)
     # A network cast whole to bf16 keeps bf16 statistics; the kernels take fp32.
     return mean.to(acc_dtype), (var.to(acc_dtype) + bn.eps).rsqrt()
 
@@ -252,7 +270,7 @@ def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights
     ops = kernel_ops(x.device)
     acc_dtype = accumulator_dtype(x.dtype)
     x = _nchw(x)  # once per edge (a channels-last x would be copied by every op)
-    w = weights.to(acc_dtype)
+    w = weights.to(acc_dtype).unbind()  # one op, not one select per candidate
     acc = None
     relu = F.relu(x) if any(c.on_relu for c in cands) else None
     stats: list[torch.Tensor] = []
@@ -319,10 +337,14 @@ class FusedMixedOpFunction(torch.autograd.Function):
         ops = kernel_ops(x.device)
         acc_dtype = accumulator_dtype(x.dtype)
         x = _nchw(x)
-        w = weights.to(acc_dtype)
+        w = weights.to(acc_dtype).unbind()
         dy = _nchw(dy)
 
-        d_weights = torch.zeros(len(weights), dtype=acc_dtype, device=x.device) if need_w else None
+        # ∂L/∂w_k collected and stacked once at the end (no select + copy per op).
+        d_weights: list[torch.Tensor] | None = None
+        if need_w:
+            zero = torch.zeros((), dtype=acc_dtype, device=x.device)
+            d_weights = [zero] * len(weights)
         dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
         relu = F.relu(x) if any(c.on_relu for c in cands) else None
         d_relu = torch.zeros_like(dx) if need_x and relu is not None else None
@@ -369,7 +391,7 @@ class FusedMixedOpFunction(torch.autograd.Function):
             dx.add_(torch.ops.aten.threshold_backward(d_relu, x.to(acc_dtype), 0))  # ReLU's backward, once
         return (None, None,
                 dx.to(x.dtype) if need_x else None,
-                d_weights.to(weights.dtype) if need_w else None,
+                torch.stack(d_weights).to(weights.dtype) if need_w else None,
                 *param_grads)
 
 

@@ -88,6 +88,12 @@ def _reference_with_params(mixed: MixedOp, names: list[list[str]], x: torch.Tens
                for w, op, op_names in zip(weights, mixed.ops, names))
 
 
+def running_stats_frozen_context(module: nn.Module):
+    """``context_fn`` for ``torch.utils.checkpoint``: the recompute leaves
+    ``module``'s BatchNorm running statistics as the forward left them."""
+    return contextlib.nullcontext(), _running_stats_frozen(module)
+
+
 def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``reference`` under ``torch.utils.checkpoint``: nothing inside the edge is
     kept, everything is recomputed in backward."""
@@ -102,7 +108,7 @@ def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) 
         use_reentrant=False,
         # The supernet draws no random numbers, so saving RNG state is waste.
         preserve_rng_state=False,
-        context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(mixed)),
+        context_fn=lambda: running_stats_frozen_context(mixed),
     )
 
 

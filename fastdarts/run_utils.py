@@ -47,26 +47,47 @@ def steps_per_epoch(batches: int, max_steps: int | None) -> int:
 
 class EpochProgress:
     """Running loss and accuracy of an epoch's training batches, summed on the
-    device, and the progress bar that shows them. The bar reads the sums once
-    per step (one sync, small next to a training or search step); without a
-    bar nothing is read until the epoch ends."""
+    device, and the progress bar that shows them. Nothing is read on the host
+    before the epoch ends: on a GPU the bar shows the sums of an earlier step,
+    copied to pinned memory without waiting (shown once the copy has landed),
+    so the steps never wait for the device; on the CPU there is nothing to wait for."""
 
     def __init__(self, device: torch.device, total: int, desc: str, show: bool):
         from tqdm.auto import tqdm
 
+        self.device = torch.device(device)
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.seen = 0
         self.bar = tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+        self._snapshot = None  # (pinned host copy of the sums, its CUDA event, images it covers)
 
     def update(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
         self.loss_sum += loss * len(y)
         self.correct += (logits.argmax(1) == y).sum()
         self.seen += len(y)
         if not self.bar.disable:
-            self.bar.set_postfix(loss=f"{self.loss_sum.item() / self.seen:.3f}",
-                                 acc=f"{100 * self.correct.item() / self.seen:.1f}", refresh=False)
+            self._show()
             self.bar.update()
+
+    def _show(self) -> None:
+        if self.device.type != "cuda":
+            if self.device.type == "cpu":
+                self._postfix(self.loss_sum.item(), self.correct.item(), self.seen)
+            return
+        if self._snapshot is not None:
+            host, event, seen = self._snapshot
+            if not event.query():  # the earlier copy has not landed: keep showing what is there
+                return
+            self._postfix(host[0].item(), host[1].item(), seen)
+        host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+        host.copy_(torch.stack([self.loss_sum.double(), self.correct.double()]), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._snapshot = (host, event, self.seen)
+
+    def _postfix(self, loss_sum: float, correct: float, seen: int) -> None:
+        self.bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()

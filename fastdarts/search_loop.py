@@ -27,6 +27,7 @@ from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
+from .recompute import check_recompute
 from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_device, save_torch, seed_everything, set_lr,
                         steps_per_epoch, write_jsonl)
 from .supernet import SearchNetwork
@@ -59,6 +60,7 @@ class SearchConfig:
     order: str = "second"
     train_portion: float = 0.5
     backend: str = DEFAULT_BACKEND
+    recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
     device: str = "auto"
     seed: int = 2
     out: str = "runs/search"
@@ -68,7 +70,7 @@ class SearchConfig:
 
     # Fields that do not change what a run computes: a resumed run may differ in
     # these (the device only within its type: see _load_checkpoint).
-    RUNTIME_ONLY = ("data", "download", "backend", "device", "out", "resume", "progress")
+    RUNTIME_ONLY = ("data", "download", "backend", "recompute", "device", "out", "resume", "progress")
 
     def checked(self) -> "SearchConfig":
         """A validated copy in canonical form (ops resolved, layout spelled
@@ -94,6 +96,7 @@ class SearchConfig:
         if not 0 <= self.seed < 2 ** 32:
             raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
         check_backend(self.backend)
+        check_recompute(self.recompute)
         layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
         return dataclasses.replace(self, ops=",".join(resolve_ops(self.ops)), layout=layout, layers=None)
 
@@ -176,10 +179,10 @@ class _Searcher:
             C=config.channels, num_classes=dataset.num_classes,
             layers=None, layout=config.layout, ops=config.ops.split(","),
             steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
-            backend=config.backend).to(self.device)
+            backend=config.backend, recompute=config.recompute).to(self.device)
         # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
         self.kernels = kernel_backend(self.device) if config.backend == "fused" else None
-        log(f"mixed-op backend: {config.backend}" + (
+        log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
             f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
         self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=config.lr,
                                                 momentum=config.momentum, weight_decay=config.weight_decay)
@@ -267,7 +270,7 @@ class _Searcher:
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
             set_lr(self.weight_optimizer, lr)
             entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate(),
-                         backend=cfg.backend, kernels=self.kernels)
+                         backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
             genotype = self.model.genotype()
             entropy = self.model.alpha_entropy()
             entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=self.model.alpha_weights(),

@@ -20,6 +20,7 @@ from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
 from .fused_mixed_op import fused_preprocess
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
+from .recompute import RECOMPUTE_MODES, check_recompute, recompute_cell
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
 
@@ -70,12 +71,16 @@ class SearchNetwork(nn.Module):
             last ones the output concatenates.
         in_channels: image channels (3 for CIFAR-10, 1 for digits).
         backend: how mixed operations are evaluated (``mixed_op.MIXED_OP_BACKENDS``).
+        recompute: ``"edge"`` (what the backend keeps for backward) or
+            ``"cell"``: each cell keeps only its two inputs and rebuilds its
+            node states in backward (``recompute.py``); same results.
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
-                 in_channels: int = 3, backend: str = DEFAULT_BACKEND):
+                 in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge"):
         super().__init__()
+        self.recompute = check_recompute(recompute)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
                             ("multiplier", multiplier), ("stem_multiplier", stem_multiplier),
                             ("in_channels", in_channels)):
@@ -137,7 +142,11 @@ class SearchNetwork(nn.Module):
         weights_reduce = F.softmax(self.alpha_reduce, dim=-1)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+            weights = weights_reduce if cell.reduction else weights_normal
+            if self.recompute == "cell" and torch.is_grad_enabled():
+                s0, s1 = s1, recompute_cell(cell, s0, s1, weights)
+            else:
+                s0, s1 = s1, cell(s0, s1, weights)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

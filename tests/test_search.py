@@ -37,7 +37,7 @@ def test_search_writes_every_output(tmp_path):
     result = search(epochs=2, out=str(tmp_path), log=logged.append, **TINY)
     # The kernel implementation is printed first and recorded per epoch and in the checkpoint.
     kernels = kernel_backend(torch.device("cpu"))
-    assert logged[0].startswith(f"mixed-op backend: fused, kernels: {kernels} (usable here: ")
+    assert logged[0].startswith(f"mixed-op backend: fused, recompute: edge, kernels: {kernels} (usable here: ")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["kernels"] == kernels
     assert isinstance(result.genotype, Genotype)
     data = json.loads((tmp_path / "genotype.json").read_text())
@@ -48,7 +48,7 @@ def test_search_writes_every_output(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
-        assert m["backend"] == "fused" and m["kernels"] == kernels
+        assert m["backend"] == "fused" and m["recompute"] == "edge" and m["kernels"] == kernels
         assert 0 <= m["train_acc"] <= 100 and 0 <= m["val_acc"] <= 100
         assert m["lr"] <= 0.025 and m["train_loss"] > 0
         assert len(m["alphas"]["normal"]) == 5 and len(m["alphas"]["normal"][0]) == 8
@@ -165,3 +165,19 @@ def test_search_on_cuda(tmp_path):
     result = search(epochs=2, out=str(tmp_path), log=_quiet, **{**TINY, "device": "cuda"})
     assert result.model.alpha_normal.is_cuda
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_run_resumed_with_cell_recompute_continues(tmp_path):
+    """recompute changes memory, not results: a resume may switch it."""
+    class Interrupt(Exception):
+        pass
+
+    def stop(entry):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        search(epochs=2, out=str(tmp_path), log=_quiet, on_epoch_end=stop, **TINY)
+    result = search(epochs=2, out=str(tmp_path), resume=True, recompute="cell", log=_quiet, **TINY)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["recompute"] for m in lines] == ["edge", "cell"]
+    assert result.model.recompute == "cell"

@@ -1,0 +1,46 @@
+"""Recompute granularity of the supernet (``SearchNetwork(recompute=...)``).
+
+- ``edge``: what the mixed-op backend keeps for backward (``fused``: each
+  edge's input and two numbers per channel and op; the node states, sums of
+  edge outputs, stay alive as the next edges' inputs).
+- ``cell``: each cell keeps only its two inputs (the previous cells'
+  outputs) and rebuilds its node states in backward, one cell at a time
+  (``torch.utils.checkpoint`` around the cell, with any backend inside).
+  Same loss, gradients and BatchNorm statistics: the recompute freezes the
+  running statistics (the forward moved them), and runs from the parameter
+  tensors the forward used, passed as arguments, not read from the modules
+  again (a ``functional_call`` or a reload may have swapped them by then).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from .errors import FastDartsError
+from .mixed_op import running_stats_frozen_context
+
+RECOMPUTE_MODES = ("edge", "cell")
+
+
+def check_recompute(mode: str) -> str:
+    if mode not in RECOMPUTE_MODES:
+        raise FastDartsError(f"unknown recompute mode {mode!r}; known: {', '.join(RECOMPUTE_MODES)}")
+    return mode
+
+
+def _cell_with_params(cell: nn.Module, names: list[str], s0: torch.Tensor, s1: torch.Tensor,
+                      weights: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    return functional_call(cell, dict(zip(names, params)), (s0, s1, weights))
+
+
+def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``cell(s0, s1, weights)`` that keeps only its inputs for backward."""
+    names, params = zip(*cell.named_parameters()) if any(True for _ in cell.parameters()) else ((), ())
+    return checkpoint(
+        _cell_with_params, cell, list(names), s0, s1, weights, *params,
+        use_reentrant=False,
+        preserve_rng_state=False,  # the supernet draws no random numbers
+        context_fn=lambda: running_stats_frozen_context(cell),
+    )

@@ -1,0 +1,90 @@
+"""recompute="cell": each cell keeps only its inputs, same numbers as the reference."""
+import pytest
+import torch
+
+from fastdarts.errors import FastDartsError
+from conftest import saved_activation_bytes, tiny_net
+
+BACKENDS = ["reference", "checkpoint", "fused"]
+
+
+def _pair(backend):
+    torch.manual_seed(1)
+    ref = tiny_net(backend="reference")
+    net = tiny_net(backend=backend, recompute="cell")
+    net.load_state_dict(ref.state_dict())
+    return ref, net
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cell_recompute_gives_the_reference(backend):
+    ref, net = _pair(backend)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    results = []
+    for m in (ref, net):
+        xi = x.clone().requires_grad_(True)
+        loss = m.loss(xi, y)
+        results.append((loss.detach(), torch.autograd.grad(loss, [xi, *m.parameters()])))
+    (loss_r, grads_r), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_r, rtol=1e-6, atol=0)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    for name, gr, gc in zip(names, grads_r, grads_c):
+        # fp32, fused inside: within 1e-5 of each gradient's scale (test_fused_mixed_op's bound).
+        torch.testing.assert_close(gc, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item(), msg=name)
+    # Running statistics moved once per forward, not again by the recompute.
+    for (name, a), b in zip(ref.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        if backend != "fused":
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cell_recompute_keeps_only_the_cell_inputs(backend):
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    edge = saved_activation_bytes(tiny_net(backend=backend), x, y)
+    cell = saved_activation_bytes(tiny_net(backend=backend, recompute="cell"), x, y)
+    assert cell < 0.5 * edge, (cell, edge)
+
+
+def test_cell_recompute_second_order_steps_give_the_reference_alpha():
+    from fastdarts import Architect
+    from fastdarts.search_loop import search_step
+
+    ref, net = _pair("fused")
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    for m in (ref, net):
+        sgd = torch.optim.SGD(m.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+        architect = Architect(m, sgd, order="second")
+        for _ in range(2):
+            search_step(m, architect, sgd, batches[0], batches[1], 5.0)
+    for a_r, a_c in zip(ref.arch_parameters(), net.arch_parameters()):
+        # The three-step bound of test_fused_mixed_op (Adam: α error ≈ lr·δ).
+        torch.testing.assert_close(a_c, a_r, rtol=0, atol=3 * 3e-4 * 1e-3)
+
+
+def test_cell_recompute_with_functional_call_uses_the_substituted_weights():
+    ref, net = _pair("fused")
+    subs = {k: (v.detach() * 1.3).requires_grad_(True) for k, v in net.named_parameters()}
+    ref.load_state_dict({**ref.state_dict(), **{k: v.detach() for k, v in subs.items()}})
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    loss = torch.nn.functional.cross_entropy(torch.func.functional_call(net, subs, (x,)), y)
+    grads = torch.autograd.grad(loss, list(subs.values()))
+    grads_r = torch.autograd.grad(ref.loss(x, y), list(ref.parameters()))
+    for name, g, gr in zip(subs, grads, grads_r):
+        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item(), msg=name)
+
+
+def test_without_grad_the_cell_recompute_changes_nothing():
+    ref, net = _pair("fused")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_recompute_mode_is_a_clear_error():
+    from fastdarts import SearchConfig
+
+    with pytest.raises(FastDartsError, match="unknown recompute mode 'node'; known: edge, cell"):
+        tiny_net(recompute="node")
+    with pytest.raises(FastDartsError, match="unknown recompute mode"):
+        SearchConfig(recompute="node").checked()

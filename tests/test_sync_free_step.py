@@ -1,0 +1,120 @@
+"""Search and training steps read no device value on the host (a read
+synchronises with the GPU and stalls the launch queue; a CUDA graph cannot
+capture one). Two checks on the CPU: whole steps run on the ``meta`` device,
+where any read of a value fails, and a dispatch mode fails on every op that
+reads a value or has a data-dependent result inside a real CPU step."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdarts import Architect, NetworkCIFAR, DARTS_V2
+from fastdarts.search_loop import search_step
+from fastdarts.train_loop import train_step
+from conftest import tiny_net
+
+aten = torch.ops.aten
+HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
+BACKENDS = ["reference", "checkpoint", "fused"]
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on an op that needs a device value on the host. ``allowed``
+    tensors are exempt: the optimisers' step counters, which PyTorch keeps
+    on the CPU precisely so that reading them costs no synchronisation."""
+
+    def __init__(self, allowed=()):
+        super().__init__()
+        self.allowed = {id(t) for t in allowed}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        data_dependent = torch.Tag.data_dependent_output in func.tags or \
+            torch.Tag.dynamic_output_shape in func.tags
+        if func in HOST_READS or data_dependent:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if not (func in HOST_READS and tensors and all(id(t) in self.allowed for t in tensors)):
+                raise AssertionError(f"{func} inside a step reads a device value on the host")
+        return func(*args, **kwargs)
+
+
+def _step_counters(*optimizers):
+    return [s["step"] for opt in optimizers for s in opt.state.values() if "step" in s]
+
+
+def _search_setup(backend, order, device, recompute="edge"):
+    net = tiny_net(backend=backend, recompute=recompute).to(device)
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    architect = Architect(net, sgd, order=order)
+    x = torch.randn(8, 3, 8, 8).to(device)
+    y = torch.randint(0, 5, (8,)).to(device)
+    return net, sgd, architect, (x, y)
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_step_runs_on_the_meta_device(backend, order):
+    net, sgd, architect, batch = _search_setup(backend, order, "meta")
+    for _ in range(2):  # the second step runs with momentum buffers and Adam state
+        logits, loss, arch_loss = search_step(net, architect, sgd, batch, batch, 5.0)
+    assert logits.device.type == "meta" and net.alpha_normal.device.type == "meta"
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_search_step_with_cell_recompute_runs_on_the_meta_device(order):
+    net, sgd, architect, batch = _search_setup("fused", order, "meta", recompute="cell")
+    for _ in range(2):
+        search_step(net, architect, sgd, batch, batch, 5.0)
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_step_has_no_host_read(backend, order):
+    net, sgd, architect, batch = _search_setup(backend, order, "cpu")
+    search_step(net, architect, sgd, batch, batch, 5.0)  # creates the optimiser state
+    with NoHostReads(allowed=_step_counters(sgd, architect.optimizer)):
+        search_step(net, architect, sgd, batch, batch, 5.0)
+
+
+def test_cumulative_batchnorm_momentum_has_no_host_read():
+    """BatchNorm's momentum=None (a cumulative average) makes nn.BatchNorm2d
+    call float() on its counter; the fused path keeps it on the device."""
+    net, sgd, architect, batch = _search_setup("fused", "first", "cpu")
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and not m.affine:  # the edges' (fused) BNs
+            m.momentum = None
+    search_step(net, architect, sgd, batch, batch, 5.0)
+    with NoHostReads(allowed=_step_counters(sgd, architect.optimizer)):
+        net.loss(*batch).backward()
+
+
+def test_the_checker_can_fail():
+    with pytest.raises(AssertionError, match="_local_scalar_dense"):
+        with NoHostReads():
+            torch.ones(2).sum().item()
+    with pytest.raises(AssertionError, match="nonzero"):
+        with NoHostReads():
+            torch.ones(2).nonzero()
+
+
+def _train_setup(device):
+    torch.manual_seed(0)
+    net = NetworkCIFAR(DARTS_V2, C=4, num_classes=5, layers=3, auxiliary=True).to(device)
+    net.drop_path_prob = 0.2
+    sgd = torch.optim.SGD(net.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    # 32x32 (CIFAR): the auxiliary head pools the 8x8 maps after cell 2 as the original does.
+    x, y = torch.randn(4, 3, 32, 32).to(device), torch.randint(0, 5, (4,)).to(device)
+    return net, sgd, x, y
+
+
+def test_train_step_runs_on_the_meta_device():
+    net, sgd, x, y = _train_setup("meta")
+    for _ in range(2):
+        logits, loss, aux = train_step(net, sgd, x, y, auxiliary_weight=0.4, grad_clip=5.0, bf16=False)
+    assert logits.device.type == "meta"
+
+
+def test_train_step_has_no_host_read():
+    net, sgd, x, y = _train_setup("cpu")
+    train_step(net, sgd, x, y, auxiliary_weight=0.4, grad_clip=5.0, bf16=False)
+    with NoHostReads(allowed=_step_counters(sgd)):
+        train_step(net, sgd, x, y, auxiliary_weight=0.4, grad_clip=5.0, bf16=False)
