@@ -20,7 +20,7 @@ from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
 from .fused_mixed_op import fused_preprocess
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
-from .recompute import RECOMPUTE_MODES, check_recompute, recompute_cell
+from .recompute import check_recompute, recompute_cell
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
 

@@ -520,6 +520,8 @@ def test_a_kernel_that_fails_to_compile_falls_back_with_one_warning(monkeypatch)
         x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
         (loss_r, grads_r), (loss_f, grads_f) = _grads(ref, x, y), _grads(fused, x, y)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=0)
+    for gr, gf in zip(grads_r, grads_f):
+        torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())
 
 
 def test_a_forced_kernel_that_fails_is_an_error_naming_the_failure(monkeypatch):
