@@ -4,6 +4,7 @@ import torch
 
 from fastdarts.errors import FastDartsError
 from conftest import saved_activation_bytes, tiny_net
+from test_fused_mixed_op import _grads, assert_functional_call_matches
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -20,12 +21,7 @@ def _pair(backend):
 def test_cell_recompute_gives_the_reference(backend):
     ref, net = _pair(backend)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    results = []
-    for m in (ref, net):
-        xi = x.clone().requires_grad_(True)
-        loss = m.loss(xi, y)
-        results.append((loss.detach(), torch.autograd.grad(loss, [xi, *m.parameters()])))
-    (loss_r, grads_r), (loss_c, grads_c) = results
+    (loss_r, grads_r), (loss_c, grads_c) = _grads(ref, x, y), _grads(net, x, y)
     torch.testing.assert_close(loss_c, loss_r, rtol=1e-6, atol=0)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
     for name, gr, gc in zip(names, grads_r, grads_c):
@@ -65,13 +61,7 @@ def test_cell_recompute_second_order_steps_give_the_reference_alpha():
 def test_cell_recompute_with_functional_call_uses_the_substituted_weights():
     ref, net = _pair("fused")
     subs = {k: (v.detach() * 1.3).requires_grad_(True) for k, v in net.named_parameters()}
-    ref.load_state_dict({**ref.state_dict(), **{k: v.detach() for k, v in subs.items()}})
-    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    loss = torch.nn.functional.cross_entropy(torch.func.functional_call(net, subs, (x,)), y)
-    grads = torch.autograd.grad(loss, list(subs.values()))
-    grads_r = torch.autograd.grad(ref.loss(x, y), list(ref.parameters()))
-    for name, g, gr in zip(subs, grads, grads_r):
-        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item(), msg=name)
+    assert_functional_call_matches(net, ref, subs)
 
 
 def test_without_grad_the_cell_recompute_changes_nothing():

@@ -97,6 +97,22 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 if HAS_TRITON:
 
     @triton.jit
+    def _tile_rows(row_block, R, C, ROWS: tl.constexpr):
+        """Rows of a tile (64-bit), their mask, and their channels: one scalar
+        % per tile; ROWS <= C, so the tile's channels wrap at most once."""
+        first_row = row_block * ROWS
+        rows = first_row + tl.arange(0, ROWS).to(tl.int64)
+        channel = first_row % C + tl.arange(0, ROWS)
+        channel = tl.where(channel >= C, channel - C, channel)
+        return rows, rows < R, channel
+
+    @triton.jit
+    def _tile_offsets(rows, row_mask, s_block, S, BLOCK_S: tl.constexpr):
+        """Element offsets ``row·S + s`` of one spatial block of a tile, and their mask."""
+        s = s_block * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+        return rows[:, None] * S + s[None, :], row_mask[:, None] & (s < S)[None, :]
+
+    @triton.jit
     def _bn_accumulate_fwd_kernel(acc_ptr, z_ptr, mean_ptr, invstd_ptr, weight_ptr, out_ptr,
                                   R, C, S, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
         compute_dtype = acc_ptr.dtype.element_ty
@@ -105,18 +121,11 @@ if HAS_TRITON:
         # 64-bit loop bounds make the row index int64 when compiled (the
         # interpreter iterates over Python ints): row·S can exceed 2^31.
         for row_block in range(tl.program_id(0).to(tl.int64), tl.cdiv(R, ROWS), tl.num_programs(0)):
-            first_row = row_block * ROWS
-            rows = first_row + tl.arange(0, ROWS).to(tl.int64)
-            row_mask = rows < R
-            # One scalar % per tile; ROWS <= C, so the tile's channels wrap at most once.
-            channel = first_row % C + tl.arange(0, ROWS)
-            channel = tl.where(channel >= C, channel - C, channel)
+            rows, row_mask, channel = _tile_rows(row_block, R, C, ROWS)
             mean = tl.load(mean_ptr + channel, mask=row_mask, other=0.0)[:, None]
             invstd = tl.load(invstd_ptr + channel, mask=row_mask, other=0.0)[:, None]
             for s_block in range(tl.program_id(1).to(tl.int64), tl.cdiv(S, BLOCK_S), tl.num_programs(1)):
-                s = s_block * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
-                offsets = rows[:, None] * S + s[None, :]
-                mask = row_mask[:, None] & (s < S)[None, :]
+                offsets, mask = _tile_offsets(rows, row_mask, s_block, S, BLOCK_S)
                 acc = tl.load(acc_ptr + offsets, mask=mask, other=0.0)
                 z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(compute_dtype)
                 tl.store(out_ptr + offsets, acc + weight * ((z - mean) * invstd), mask=mask)
@@ -168,19 +177,13 @@ if HAS_TRITON:
         compute_dtype = s1_ptr.dtype.element_ty
         weight = tl.load(weight_ptr)
         for row_block in range(tl.program_id(0).to(tl.int64), tl.cdiv(R, ROWS), tl.num_programs(0)):
-            first_row = row_block * ROWS
-            rows = first_row + tl.arange(0, ROWS).to(tl.int64)
-            row_mask = rows < R
-            channel = first_row % C + tl.arange(0, ROWS)
-            channel = tl.where(channel >= C, channel - C, channel)
+            rows, row_mask, channel = _tile_rows(row_block, R, C, ROWS)
             mean = tl.load(mean_ptr + channel, mask=row_mask, other=0.0)[:, None]
             invstd = tl.load(invstd_ptr + channel, mask=row_mask, other=0.0)[:, None]
             mean_dy = (tl.load(s1_ptr + channel, mask=row_mask, other=0.0) / M)[:, None]
             mean_dy_xhat = (tl.load(s2_ptr + channel, mask=row_mask, other=0.0) / M)[:, None]
             for s_block in range(tl.program_id(1).to(tl.int64), tl.cdiv(S, BLOCK_S), tl.num_programs(1)):
-                s = s_block * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
-                offsets = rows[:, None] * S + s[None, :]
-                mask = row_mask[:, None] & (s < S)[None, :]
+                offsets, mask = _tile_offsets(rows, row_mask, s_block, S, BLOCK_S)
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(compute_dtype)
                 z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(compute_dtype)
                 xhat = (z - mean) * invstd
