@@ -74,6 +74,8 @@ class Architect:
                 or groups[0].get("maximize"):
             # The virtual step below is plain SGD with momentum and weight decay on one group.
             raise ValueError("Architect unrolls one param group of plain SGD (no nesterov, dampening or maximize)")
+        if order == "second" and getattr(model, "sample_paths", 0):
+            raise ValueError("path sampling has a first-order architecture step only (order='first')")
         self.model = model
         self.weight_optimizer = weight_optimizer
         self.order = order
@@ -85,7 +87,12 @@ class Architect:
         grads, val_loss = self.arch_gradients(x_train, y_train, x_val, y_val)
         for alpha, g in zip(self.model.arch_parameters(), grads):
             alpha.grad = g
+        # A method may adjust the update (path sampling: skip edges, rescale α).
+        before, after = getattr(self.model, "before_arch_update", None), getattr(self.model, "after_arch_update", None)
+        saved = before(self.optimizer) if before is not None else None
         self.optimizer.step()
+        if after is not None:
+            after(self.optimizer, saved)
         return val_loss
 
     def arch_gradients(self, x_train, y_train, x_val, y_val) -> tuple[list[torch.Tensor], torch.Tensor]:

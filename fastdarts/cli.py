@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import FastDartsError
 from .genotype import GENOTYPES, get_genotype
+from .methods import METHOD_PRESETS
 from .mixed_op import MIXED_OP_BACKENDS
 from .recompute import RECOMPUTE_MODES
 from .search_loop import SearchConfig, search
@@ -24,6 +25,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (unset: the help text says what decides)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -34,12 +42,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _by_method(field: str) -> str:
+    """Help text for a flag whose default is the method's preset."""
+    values = ", ".join(f"{name}: {preset[field]}" for name, preset in METHOD_PRESETS.items())
+    return f"(default: the method's; {values})"
+
+
 def search_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
     p = _Parser(
         prog="fastdarts-search",
-        description="DARTS architecture search (Liu et al., 2019). Defaults are the paper's CIFAR-10 search.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Differentiable architecture search: DARTS (Liu et al., 2019), PC-DARTS (Xu et al., 2020) or "
+                    "ProxylessNAS-style path sampling (Cai et al., 2019). Defaults are each method's published "
+                    "CIFAR-10 search; a flag given explicitly wins over the method's value.",
+        formatter_class=_Help)
+    p.add_argument("--method", default=d.method, choices=list(METHOD_PRESETS),
+                   help="search method; sets the flags marked 'the method's'")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=d.dataset, choices=["cifar10", "digits"],
                       help="cifar10, or scikit-learn's bundled 8x8 digits (offline)")
@@ -55,18 +83,29 @@ def search_parser() -> argparse.ArgumentParser:
     space.add_argument("--steps", type=_positive_int, default=d.steps, help="intermediate nodes per cell")
     space.add_argument("--multiplier", type=_positive_int, default=d.multiplier,
                        help="intermediate nodes concatenated by the cell output")
+    method = p.add_argument_group("method options (each on its own too)")
+    method.add_argument("--partial-channels", type=_positive_int, default=None, metavar="K",
+                        help="PC-DARTS: the ops of an edge see 1/K of its channels " + _by_method("partial_channels"))
+    method.add_argument("--edge-norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="PC-DARTS' edge normalisation (a weight β per edge) " + _by_method("edge_norm"))
+    method.add_argument("--sample-paths", type=_positive_int, default=None, metavar="N",
+                        help="ProxylessNAS: the weight step computes one sampled op per edge, the architecture "
+                             "step N (1..ops-1; first order only) " + _by_method("sample_paths"))
+    method.add_argument("--arch-warmup-epochs", type=_non_negative_int, default=None, metavar="E",
+                        help="no architecture step in the first E epochs " + _by_method("arch_warmup_epochs"))
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    opt.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    opt.add_argument("--order", choices=["first", "second"], default=d.order,
-                     help="first- or second-order architecture gradient")
-    opt.add_argument("--lr", type=float, default=d.lr, help="weight learning rate (cosine-annealed)")
-    opt.add_argument("--lr-min", type=float, default=d.lr_min)
+    opt.add_argument("--batch-size", type=_positive_int, default=None, help=_by_method("batch_size"))
+    opt.add_argument("--epochs", type=_positive_int, default=None, help=_by_method("epochs"))
+    opt.add_argument("--order", choices=["first", "second"], default=None,
+                     help="first- or second-order architecture gradient " + _by_method("order"))
+    opt.add_argument("--lr", type=float, default=None,
+                     help="weight learning rate (cosine-annealed) " + _by_method("lr"))
+    opt.add_argument("--lr-min", type=float, default=None, help=_by_method("lr_min"))
     opt.add_argument("--momentum", type=float, default=d.momentum)
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    opt.add_argument("--arch-lr", type=float, default=d.arch_lr)
-    opt.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
+    opt.add_argument("--arch-lr", type=float, default=None, help=_by_method("arch_lr"))
+    opt.add_argument("--arch-weight-decay", type=float, default=None, help=_by_method("arch_weight_decay"))
     run = p.add_argument_group("run")
     run.add_argument("--backend", choices=list(MIXED_OP_BACKENDS), default=d.backend,
                      help="mixed-op implementation: fused (memory-lean kernels), reference (the original "
@@ -129,16 +168,6 @@ def genotype_main(argv: Sequence[str] | None = None) -> int:
     return _run("fastdarts-genotype", show)[0]
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def _fast_options(group, what: str, bf16_default: bool = True) -> None:
     """--bf16 / --channels-last, each with its --no- form; unset means on for CUDA, off on the CPU
     (bf16: off everywhere unless asked for when not ``bf16_default``)."""
@@ -156,7 +185,7 @@ def train_parser() -> argparse.ArgumentParser:
         prog="fastdarts-train",
         description="Train a genotype's network from scratch and test it after every epoch. "
                     "Defaults are the paper's CIFAR-10 evaluation (20 cells, C=36, 600 epochs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     p.add_argument("--genotype", default=d.genotype,
                    help=f"a published genotype ({', '.join(GENOTYPES)}) or a genotype.json from fastdarts-search")
     data = p.add_argument_group("data")
@@ -209,7 +238,7 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Test accuracy (top-1, top-5) and parameter count of a trained network: best.pt, last.pt or "
                     "checkpoint.pt of fastdarts-train, or a state_dict saved by the original DARTS code "
                     "(then name its --genotype).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     p.add_argument("checkpoint", help="weights file")
     p.add_argument("--genotype", default=None,
                    help=f"required for an original DARTS state_dict ({', '.join(GENOTYPES)} or a genotype.json); "
@@ -256,14 +285,18 @@ PIPELINE_TRAIN = dict(dataset="digits", layers=8, channels=16)
 def pipeline_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="fastdarts-pipeline",
-        description="The whole DARTS method offline on the digits data set: search a cell (layout N,R,N, C=8), "
+        description="The whole method offline on the digits data set: search a cell (layout N,R,N, C=8, batch 64; "
+                    "no architecture warm-up), "
                     "train the derived network from scratch (8 cells, C=16, otherwise the paper's recipe) and "
                     "evaluate it on the test set. For CIFAR-10 run fastdarts-search, fastdarts-train and "
                     "fastdarts-eval (see the README).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     p.add_argument("--out", default="runs/pipeline", help="output directory (search/ and train/ inside)")
+    p.add_argument("--method", default="darts", choices=list(METHOD_PRESETS),
+                   help="search method (its preset, with this demo's data, network size and batch)")
     p.add_argument("--search-epochs", type=_positive_int, default=4)
-    p.add_argument("--order", choices=["first", "second"], default="second", help="architecture gradient")
+    p.add_argument("--order", choices=["first", "second"], default=None,
+                   help="architecture gradient (default: the method's)")
     p.add_argument("--train-epochs", type=_positive_int, default=10)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=2)
@@ -285,9 +318,10 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     def run_all():
         if out.exists() and any(out.iterdir()):
             raise FastDartsError(f"--out {out} is not empty; choose another directory")
-        print(f"== 1/3 search ({args.search_epochs} epochs, {args.order} order) -> {out / 'search'}")
-        searched = search(SearchConfig(**PIPELINE_SEARCH, epochs=args.search_epochs, order=args.order,
-                                       out=str(out / "search"), **common))
+        config = SearchConfig(**PIPELINE_SEARCH, method=args.method, epochs=args.search_epochs, order=args.order,
+                              arch_warmup_epochs=0, out=str(out / "search"), **common).checked()
+        print(f"== 1/3 search ({args.method}, {args.search_epochs} epochs, {config.order} order) -> {out / 'search'}")
+        searched = search(config)
         print(f"== 2/3 train the derived network from scratch ({args.train_epochs} epochs) -> {out / 'train'}")
         trained = train(TrainConfig(**PIPELINE_TRAIN, genotype=str(searched.out / "genotype.json"),
                                     epochs=args.train_epochs, out=str(out / "train"), **common))

@@ -35,6 +35,7 @@ register, are not run for the modules inside a fused edge.)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -460,12 +461,34 @@ def _fused(cands: list[_Candidate], stride: int, x: torch.Tensor, weights: torch
     return FusedMixedOpFunction.apply(cands, stride, x, weights, *params)
 
 
+def _path_candidates(module: nn.Module, cands: list[_Candidate], paths: tuple[int, ...]) -> list[_Candidate]:
+    """The candidates of sampled ``paths``, renumbered so that candidate i
+    takes weight i (path sampling computes only these ops)."""
+    cache = module.__dict__.get("_fused_paths")
+    if cache is None or cache[0] is not cands:
+        cache = module.__dict__["_fused_paths"] = (cands, {})
+    subset = cache[1].get(paths)
+    if subset is None:
+        subset = cache[1][paths] = [dataclasses.replace(cands[k], index=i) for i, k in enumerate(paths)]
+    return subset
+
+
 @torch.compiler.disable  # opaque to torch.compile: the Function has Python side effects (BN statistics)
-def mixed_op_fused(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The ``fused`` backend of ``MixedOp``."""
+def mixed_op_fused(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor,
+                   paths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The ``fused`` backend of ``MixedOp``. With ``paths`` only those ops run;
+    an inactive path has gate 0, so its contribution to every gradient but its
+    gate's is exactly zero, as the reference's detached output."""
     cands = _candidates(mixed, mixed.ops)
-    return _fused(cands, mixed.stride, x, weights,
-                  lambda: sum(w * op(x) for w, op in zip(weights, mixed.ops)))
+    if paths is not None:
+        cands = _path_candidates(mixed, cands, paths)
+    return _fused(cands, mixed.stride, x, weights, lambda: _reference(mixed, x, weights, paths))
+
+
+def _reference(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor, paths) -> torch.Tensor:
+    from .mixed_op import mixed_op_reference  # mixed_op imports this module
+
+    return mixed_op_reference(mixed, x, weights, paths)
 
 
 _ONE: dict[torch.device, torch.Tensor] = {}  # the weight of a one-op "edge", per device

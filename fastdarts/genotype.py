@@ -249,19 +249,54 @@ def _weights(alpha: Any, field: str, expected: tuple[int, int], steps: int) -> l
     return torch.softmax(t, dim=-1).tolist()
 
 
+def _edge_weights(beta: Any, field: str, steps: int) -> list[float]:
+    """softmax(β) over each node's incoming edges (PC-DARTS' edge normalisation)."""
+    from .methods.edge_norm import edge_weights
+
+    if isinstance(beta, torch.Tensor):
+        t = beta.detach().cpu()
+    elif isinstance(beta, np.ndarray) and beta.dtype.kind in "fiu":
+        t = torch.from_numpy(np.ascontiguousarray(beta))
+    else:
+        raise FastDartsError(f"{field} must be a numeric torch tensor or numpy array, got {type(beta).__name__}")
+    if tuple(t.shape) != (num_edges(steps),):
+        raise FastDartsError(f"{field} has shape {tuple(t.shape)}, expected ({num_edges(steps)},) "
+                             f"(one weight per edge for steps={steps})")
+    if t.dtype != torch.float64:
+        t = t.float()
+    if not torch.isfinite(t).all():
+        raise FastDartsError(f"{field} contains NaN or inf; the search diverged")
+    return edge_weights(t, steps).tolist()
+
+
+def _is_double(t: Any) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dtype == torch.float64) or \
+        (isinstance(t, np.ndarray) and t.dtype == np.float64)
+
+
 def derive_genotype(alpha_normal: torch.Tensor | np.ndarray, alpha_reduce: torch.Tensor | np.ndarray,
-                    op_names: Sequence[str], steps: int = 4, multiplier: int = 4) -> Genotype:
-    """The discrete cells the architecture weights α point to (SPEC §3)."""
+                    op_names: Sequence[str], steps: int = 4, multiplier: int = 4,
+                    beta_normal: torch.Tensor | np.ndarray | None = None,
+                    beta_reduce: torch.Tensor | np.ndarray | None = None) -> Genotype:
+    """The discrete cells the architecture weights α point to (SPEC §3). With
+    PC-DARTS' β (both or neither), op o on edge (i, j) is ranked by
+    softmax(α_ij)_o · softmax(β_{·j})_i, as its original code."""
     op_names = resolve_ops(op_names)
     if not _is_int(steps) or steps < 1:
         raise FastDartsError(f"steps must be a positive integer, got {steps!r}")
     if not _is_int(multiplier) or not 1 <= multiplier <= steps:
         raise FastDartsError(f"multiplier must be in 1..steps={steps}, got {multiplier!r}")
+    if (beta_normal is None) != (beta_reduce is None):
+        raise FastDartsError("give both beta_normal and beta_reduce, or neither")
     expected = (num_edges(steps), len(op_names))
     concat = tuple(range(2 + steps - multiplier, steps + 2))
-    return Genotype(
-        normal=select_edges(_weights(alpha_normal, "alpha_normal", expected, steps), op_names, steps),
-        normal_concat=concat,
-        reduce=select_edges(_weights(alpha_reduce, "alpha_reduce", expected, steps), op_names, steps),
-        reduce_concat=concat,
-    )
+    cells = []
+    for cell, alpha, beta in (("normal", alpha_normal, beta_normal), ("reduce", alpha_reduce, beta_reduce)):
+        weights = _weights(alpha, f"alpha_{cell}", expected, steps)
+        if beta is not None:
+            # Multiplied in α's precision, as the original's float32 numpy arrays (its ties are ours).
+            w = torch.tensor(weights, dtype=torch.float64 if _is_double(alpha) else torch.float32)
+            scales = torch.tensor(_edge_weights(beta, f"beta_{cell}", steps), dtype=w.dtype)
+            weights = (w * scales[:, None]).tolist()
+        cells.append(select_edges(weights, op_names, steps))
+    return Genotype(normal=cells[0], normal_concat=concat, reduce=cells[1], reduce_concat=concat)

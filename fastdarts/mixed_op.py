@@ -15,7 +15,17 @@ evaluated is a backend, chosen by name:
   recomputes the ops one at a time in backward, with the fused BN kernels
   (``fused_mixed_op.py``, ``kernels/``). The default.
 
-A backend is a function ``(mixed_op, x, weights) -> y`` in ``MIXED_OP_BACKENDS``.
+A backend is a function ``(mixed_op, x, weights, paths) -> y`` in
+``MIXED_OP_BACKENDS``. ``paths`` (None: every op) is a tuple of op indices,
+as path sampling chooses them (``methods/path_sampling.py``): only those ops
+are computed, ``weights`` holding one weight per path; the first path is the
+active one, the others contribute their gate gradient only (ProxylessNAS'
+inactive op, whose output is detached).
+
+An edge may carry a ``scale`` (PC-DARTS' edge normalisation, softmax(β) of
+the edge): ``reference`` multiplies the edge output by it, as the original
+code; the others fold it into the op weights (``Σ_k (s·w_k)·o_k``), so
+nothing more is kept for ∂L/∂β.
 """
 from __future__ import annotations
 
@@ -49,16 +59,28 @@ class MixedOp(nn.Module):
             self.ops.append(op)
         self.backend = check_backend(backend)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return MIXED_OP_BACKENDS[self.backend](self, x, weights)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is not None:
+            if self.backend == "reference":
+                return scale * mixed_op_reference(self, x, weights, paths)
+            weights = weights * scale
+        return MIXED_OP_BACKENDS[self.backend](self, x, weights, paths)
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, backend={self.backend!r}"
 
 
-def mixed_op_reference(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_k w_k·op_k(x)``, written as the original DARTS code writes it."""
-    return sum(w * op(x) for w, op in zip(weights, mixed.ops))
+def mixed_op_reference(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor,
+                       paths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``Σ_k w_k·op_k(x)``, written as the original DARTS code writes it; with
+    ``paths``, ProxylessNAS' binary-gated sum (inactive outputs detached)."""
+    if paths is None:
+        return sum(w * op(x) for w, op in zip(weights, mixed.ops))
+    out = weights[0] * mixed.ops[paths[0]](x)
+    for w, k in zip(weights[1:], paths[1:]):
+        out = out + w * mixed.ops[k](x).detach()
+    return out
 
 
 @contextlib.contextmanager
@@ -94,9 +116,12 @@ def running_stats_frozen_context(module: nn.Module):
     return contextlib.nullcontext(), _running_stats_frozen(module)
 
 
-def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor,
+                        paths: tuple[int, ...] | None = None) -> torch.Tensor:
     """``reference`` under ``torch.utils.checkpoint``: nothing inside the edge is
     kept, everything is recomputed in backward."""
+    if paths is not None:
+        raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or reference")
     if not torch.is_grad_enabled():
         return mixed_op_reference(mixed, x, weights)
     # The parameters are arguments, so the recompute uses the forward's tensors:
@@ -112,7 +137,7 @@ def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor) 
     )
 
 
-MixedOpBackend = Callable[[MixedOp, torch.Tensor, torch.Tensor], torch.Tensor]
+MixedOpBackend = Callable[[MixedOp, torch.Tensor, torch.Tensor, "tuple[int, ...] | None"], torch.Tensor]
 
 MIXED_OP_BACKENDS: dict[str, MixedOpBackend] = {
     "reference": mixed_op_reference,

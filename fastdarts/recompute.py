@@ -31,15 +31,16 @@ def check_recompute(mode: str) -> str:
 
 
 def _cell_with_params(cell: nn.Module, names: list[str], s0: torch.Tensor, s1: torch.Tensor,
-                      weights: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-    return functional_call(cell, dict(zip(names, params)), (s0, s1, weights))
+                      arguments: tuple, *params: torch.Tensor) -> torch.Tensor:
+    return functional_call(cell, dict(zip(names, params)), (s0, s1, *arguments))
 
 
-def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``cell(s0, s1, weights)`` that keeps only its inputs for backward."""
+def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, *arguments) -> torch.Tensor:
+    """``cell(s0, s1, *arguments)`` that keeps only its inputs for backward
+    (``arguments``: the op weights, edge scales and paths of the cell)."""
     names, params = zip(*cell.named_parameters()) if any(True for _ in cell.parameters()) else ((), ())
     return checkpoint(
-        _cell_with_params, cell, list(names), s0, s1, weights, *params,
+        _cell_with_params, cell, list(names), s0, s1, arguments, *params,
         use_reentrant=False,
         preserve_rng_state=False,  # the supernet draws no random numbers
         context_fn=lambda: running_stats_frozen_context(cell),

@@ -25,6 +25,9 @@ from .errors import FastDartsError
 from .genotype import Genotype
 from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
+from .methods import method_preset
+from .methods.partial_channels import check_partial_channels
+from .methods.path_sampling import check_sample_paths
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
 from .recompute import check_recompute
@@ -38,7 +41,10 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class SearchConfig:
-    """Everything a search run depends on; the defaults are the paper's."""
+    """Everything a search run depends on. Fields left ``None`` take the
+    ``method``'s published value (``methods.METHOD_PRESETS``; DARTS: the
+    paper's); a value given explicitly wins over the preset."""
+    method: str = "darts"              # darts, pc-darts or proxyless
     dataset: str = "cifar10"
     data: str = "./data"
     download: bool = False
@@ -48,16 +54,20 @@ class SearchConfig:
     channels: int = 16
     steps: int = 4
     multiplier: int = 4
-    batch_size: int = 64
-    epochs: int = 50
-    lr: float = 0.025
-    lr_min: float = 0.001
+    batch_size: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    lr_min: float | None = None
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
-    arch_lr: float = 3e-4
-    arch_weight_decay: float = 1e-3
-    order: str = "second"
+    arch_lr: float | None = None
+    arch_weight_decay: float | None = None
+    order: str | None = None
+    partial_channels: int | None = None   # PC-DARTS' K (1: all channels)
+    edge_norm: bool | None = None         # PC-DARTS' edge normalisation (β)
+    sample_paths: int | None = None       # ProxylessNAS' paths per edge in the architecture step (0: off)
+    arch_warmup_epochs: int | None = None  # epochs without an architecture step at the start
     train_portion: float = 0.5
     backend: str = DEFAULT_BACKEND
     recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
@@ -73,11 +83,13 @@ class SearchConfig:
     RUNTIME_ONLY = ("data", "download", "backend", "recompute", "device", "out", "resume", "progress")
 
     def checked(self) -> "SearchConfig":
-        """A validated copy in canonical form (ops resolved, layout spelled
-        out), so that bad input fails before any data is touched and two
-        spellings of one configuration compare equal on resume."""
+        """A validated copy in canonical form (method preset applied, ops
+        resolved, layout spelled out), so that bad input fails before any data
+        is touched and two spellings of one configuration compare equal on resume."""
+        preset = method_preset(self.method)
+        self = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         positive = dict(channels=self.channels, batch_size=self.batch_size, epochs=self.epochs,
-                        steps=self.steps, multiplier=self.multiplier)
+                        steps=self.steps, multiplier=self.multiplier, partial_channels=self.partial_channels)
         if self.max_steps is not None:
             positive["max_steps"] = self.max_steps
         for name, value in positive.items():
@@ -93,12 +105,24 @@ class SearchConfig:
         for name in ("lr_min", "momentum", "weight_decay", "arch_weight_decay"):
             if not getattr(self, name) >= 0:
                 raise FastDartsError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)!r}")
+        w = self.arch_warmup_epochs
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise FastDartsError(f"arch-warmup-epochs must be a non-negative integer, got {w!r}")
         if not 0 <= self.seed < 2 ** 32:
             raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
         check_backend(self.backend)
         check_recompute(self.recompute)
+        ops = resolve_ops(self.ops)
+        check_partial_channels(self.partial_channels, self.channels)
+        check_sample_paths(self.sample_paths, len(ops))
+        if self.sample_paths and self.order == "second":
+            raise FastDartsError("path sampling (sample-paths) has a first-order architecture step only; "
+                                 "use --order first")
+        if self.sample_paths and self.backend == "checkpoint":
+            raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or "
+                                 "reference")
         layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
-        return dataclasses.replace(self, ops=",".join(resolve_ops(self.ops)), layout=layout, layers=None)
+        return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None, edge_norm=bool(self.edge_norm))
 
     def result_defining(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
@@ -106,6 +130,15 @@ class SearchConfig:
         for key in self.RUNTIME_ONLY:
             d.pop(key)
         return d
+
+    def summary(self) -> str:
+        """The effective configuration, one line (printed at the start of a run)."""
+        d = self.result_defining()
+        return ", ".join(f"{k}={v}" for k, v in d.items() if v is not None)
+
+
+# What a checkpoint written before the methods existed ran: DARTS.
+_LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0)
 
 
 @dataclass
@@ -124,12 +157,23 @@ def genotype_line(genotype: Genotype) -> str:
     return f"normal: {cell(genotype.normal)}  reduce: {cell(genotype.reduce)}"
 
 
+def beta_line(betas: dict[str, list[float]], steps: int) -> str:
+    """softmax(β) per node for the per-epoch log: nodes split by '|'."""
+    from .methods.edge_norm import node_segments
+
+    def cell(w):
+        return " | ".join(" ".join(f"{v:.3f}" for v in w[start:start + n]) for start, n in node_segments(steps))
+    return f"edge weights (softmax β) normal: {cell(betas['normal'])}  reduce: {cell(betas['reduce'])}"
+
+
 def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: torch.optim.Optimizer,
-                train_batch, val_batch, grad_clip: float):
-    """One DARTS step: Adam on α (first or second order), then SGD on the
-    weights. Returns the train logits and loss and the validation loss, detached."""
+                train_batch, val_batch, grad_clip: float, arch_step: bool = True):
+    """One DARTS step: Adam on α (first or second order; skipped when not
+    ``arch_step``, as in a warm-up epoch), then SGD on the weights. Returns
+    the train logits and loss and the validation loss (None without an
+    architecture step), detached."""
     x, y = train_batch
-    arch_loss = architect.step(x, y, *val_batch)
+    arch_loss = architect.step(x, y, *val_batch) if arch_step else None
     weight_optimizer.zero_grad(set_to_none=True)
     with frozen(model.arch_parameters()):
         logits = model(x)
@@ -179,9 +223,14 @@ class _Searcher:
             C=config.channels, num_classes=dataset.num_classes,
             layers=None, layout=config.layout, ops=config.ops.split(","),
             steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
-            backend=config.backend, recompute=config.recompute).to(self.device)
+            backend=config.backend, recompute=config.recompute, partial_channels=config.partial_channels,
+            edge_norm=config.edge_norm, sample_paths=config.sample_paths).to(self.device)
         # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
         self.kernels = kernel_backend(self.device) if config.backend == "fused" else None
+        log(f"method: {config.method} ({config.summary()})")
+        if config.sample_paths == 1:
+            log("note: with --sample-paths 1 the architecture gradient Σ_j g_j q_j (δ_ij − q_i) over one path is "
+                "zero, so α moves only by weight decay; ProxylessNAS samples 2")
         log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
             f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
         self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=config.lr,
@@ -206,7 +255,7 @@ class _Searcher:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
         ours = self.config.result_defining()
-        theirs = state["config"]
+        theirs = {**_LEGACY_FIELDS, **state["config"]}
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
         # CPU and CUDA generators draw different crops and shuffles from the same seed.
         if state.get("device_type") != self.device.type:
@@ -231,18 +280,23 @@ class _Searcher:
         model.train()
         arch_stream = self.arch_loader.cycle(epoch)
         n_steps = self._steps(self.train_loader)
+        arch_step = epoch >= cfg.arch_warmup_epochs
+        model.start_epoch(cfg.seed, epoch)
         progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
         arch_loss_sum = torch.zeros((), device=self.device)
         for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
             if step >= n_steps:
                 break
+            # Drawn in warm-up epochs too, so the batch order does not depend on the warm-up.
             x_val, y_val = next(arch_stream)
             logits, loss, arch_loss = search_step(model, self.architect, self.weight_optimizer, (x, y),
-                                                  (x_val, y_val), cfg.grad_clip)
-            arch_loss_sum += arch_loss
+                                                  (x_val, y_val), cfg.grad_clip, arch_step=arch_step)
+            if arch_step:
+                arch_loss_sum += arch_loss
             progress.update(logits, y, loss)
         progress.close()
-        return dict(**progress.summary(), arch_loss=arch_loss_sum.item() / n_steps)
+        return dict(**progress.summary(), arch_step=arch_step,
+                    arch_loss=arch_loss_sum.item() / n_steps if arch_step else None)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
@@ -270,10 +324,12 @@ class _Searcher:
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
             set_lr(self.weight_optimizer, lr)
             entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate(),
-                         backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
+                         method=cfg.method, backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
             genotype = self.model.genotype()
             entropy = self.model.alpha_entropy()
+            betas = self.model.edge_weights()
             entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=self.model.alpha_weights(),
+                         **({"betas": betas} if betas is not None else {}), config=cfg.result_defining(),
                          seconds=time.perf_counter() - start)
             self.history.append(entry)
             # Metrics first: a crash between the two never leaves a checkpoint newer than them.
@@ -281,7 +337,10 @@ class _Searcher:
             self._save_checkpoint()
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
                      f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
-                     f"reduce {entropy['reduce']:.4f}  {entry['seconds']:.1f}s\n  genotype {genotype_line(genotype)}")
+                     f"reduce {entropy['reduce']:.4f}  {entry['seconds']:.1f}s"
+                     + ("" if entry["arch_step"] else "  (architecture warm-up: no α step)")
+                     + (f"\n  {beta_line(betas, self.model.steps)}" if betas is not None else "")
+                     + f"\n  genotype {genotype_line(genotype)}")
             if on_epoch_end is not None:
                 on_epoch_end(entry)
         return self._finish()
@@ -294,7 +353,8 @@ class _Searcher:
         (self.out / "genotype.txt").write_text(str(genotype) + "\n")
         pictures = plot_genotype(genotype, self.out)
         plot_alpha_history([h["alphas"] for h in self.history], self.model.op_names, self.model.steps,
-                           self.out / "alphas.png")
+                           self.out / "alphas.png",
+                           betas=[h["betas"] for h in self.history] if self.model.edge_norm else None)
         self.log(f"searched genotype:\n{genotype}")
         self.log(f"wrote {self.out / 'genotype.json'}, {', '.join(str(p) for p in pictures)}, "
                  f"{self.out / 'alphas.png'}, {self.out / 'metrics.jsonl'}")

@@ -1,5 +1,9 @@
 """The DARTS supernet: cells whose every edge is a mixed operation (SPEC §1).
 
+The methods beyond DARTS are options of this one network (SPEC §8), each in
+its module under ``methods/``: ``partial_channels=K`` (PC-DARTS' edges),
+``edge_norm=True`` (PC-DARTS' β), ``sample_paths=N`` (ProxylessNAS).
+
 Parameters are registered in the order of the original code's
 ``model_search.Network`` (stem, cells in order, each with its preprocessing
 and then its edges, ops in op-set order, classifier), so weights copy across
@@ -19,6 +23,9 @@ from .errors import FastDartsError
 from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
 from .fused_mixed_op import fused_preprocess
+from .methods.edge_norm import edge_weights as beta_edge_weights
+from .methods.partial_channels import PartialChannelMixedOp, check_partial_channels
+from .methods.path_sampling import PathSampler, check_sample_paths
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
 from .recompute import check_recompute, recompute_cell
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
@@ -29,7 +36,7 @@ class SearchCell(nn.Module):
     output concatenates the last ``multiplier`` of them."""
 
     def __init__(self, op_names: Sequence[str], steps: int, multiplier: int, C_prev_prev: int, C_prev: int,
-                 C: int, reduction: bool, reduction_prev: bool, backend: str):
+                 C: int, reduction: bool, reduction_prev: bool, backend: str, partial_channels: int = 1):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -39,11 +46,17 @@ class SearchCell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, op_names, backend)
-            for i in range(steps) for j in range(2 + i))
+        def edge(stride: int) -> MixedOp:
+            if partial_channels == 1:
+                return MixedOp(C, stride, op_names, backend)
+            return PartialChannelMixedOp(C, stride, op_names, backend, k=partial_channels)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.edges = nn.ModuleList(edge(2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                edge_scales: torch.Tensor | None = None, paths: tuple | None = None) -> torch.Tensor:
+        """``weights``: one row of op weights per edge (with ``paths``, one per
+        sampled path); ``edge_scales``: softmax(β) per edge (edge normalisation)."""
         if self.edges[0].backend == "fused":
             # The preprocessing's ReLU and conv outputs are the largest
             # activations left once the edges keep none: recompute them too.
@@ -52,7 +65,9 @@ class SearchCell(nn.Module):
             states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.steps):
-            s = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            s = sum(self.edges[offset + j](h, weights[offset + j], None if paths is None else paths[offset + j],
+                                           None if edge_scales is None else edge_scales[offset + j])
+                    for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
         return torch.cat(states[-self.multiplier:], dim=1)
@@ -74,11 +89,16 @@ class SearchNetwork(nn.Module):
         recompute: ``"edge"`` (what the backend keeps for backward) or
             ``"cell"``: each cell keeps only its two inputs and rebuilds its
             node states in backward (``recompute.py``); same results.
+        partial_channels: PC-DARTS' K (1: every channel goes through the ops).
+        edge_norm: PC-DARTS' edge normalisation (β, ``methods/edge_norm.py``).
+        sample_paths: ProxylessNAS' paths per edge in the architecture step
+            (0: off; ``methods/path_sampling.py``).
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
-                 in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge"):
+                 in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge",
+                 partial_channels: int = 1, edge_norm: bool = False, sample_paths: int = 0):
         super().__init__()
         self.recompute = check_recompute(recompute)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
@@ -89,6 +109,11 @@ class SearchNetwork(nn.Module):
         if multiplier > steps:
             raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
         self.op_names = resolve_ops(ops)
+        check_partial_channels(partial_channels, C)
+        self.partial_channels, self.edge_norm = partial_channels, bool(edge_norm)
+        self.sample_paths = check_sample_paths(sample_paths, len(self.op_names))
+        if sample_paths and check_backend(backend) == "checkpoint":
+            raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or reference")
         self.reductions = reduction_layout(None if layout is not None else layers, layout)
         self.steps, self.multiplier = steps, multiplier
 
@@ -104,7 +129,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             self.cells.append(SearchCell(self.op_names, steps, multiplier, C_prev_prev, C_prev, C_curr,
-                                         reduction, reduction_prev, backend))
+                                         reduction, reduction_prev, backend, partial_channels))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -115,9 +140,16 @@ class SearchNetwork(nn.Module):
         k, n = num_edges(steps), len(self.op_names)
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n))
+        if self.edge_norm:  # after α, as PC-DARTS: the same seed gives its initial values
+            self.beta_normal = nn.Parameter(1e-3 * torch.randn(k))
+            self.beta_reduce = nn.Parameter(1e-3 * torch.randn(k))
+        self.path_sampler = PathSampler(sample_paths) if sample_paths else None
 
     # -- parameters ---------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
+        """α (normal, reduce), then β (normal, reduce) with edge normalisation."""
+        if self.edge_norm:
+            return [self.alpha_normal, self.alpha_reduce, self.beta_normal, self.beta_reduce]
         return [self.alpha_normal, self.alpha_reduce]
 
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -131,22 +163,37 @@ class SearchNetwork(nn.Module):
 
     def set_backend(self, backend: str) -> "SearchNetwork":
         check_backend(backend)
+        if self.sample_paths and backend == "checkpoint":
+            raise FastDartsError("path sampling does not run on the checkpoint backend; use fused or reference")
         for m in self.modules():
             if isinstance(m, MixedOp):
                 m.backend = backend
         return self
 
     # -- forward ------------------------------------------------------------
+    def _cell_arguments(self) -> tuple[tuple, tuple]:
+        """The architecture arguments of a normal and of a reduction cell:
+        (op weights, edge scales, paths)."""
+        alphas = [self.alpha_normal, self.alpha_reduce]
+        if self.path_sampler is None:
+            weights, paths = [F.softmax(a, dim=-1) for a in alphas], [None, None]
+        else:
+            mode = ("chosen" if not self.training else
+                    "arch" if torch.is_grad_enabled() and self.alpha_normal.requires_grad else "weight")
+            weights, paths = zip(*self.path_sampler.sample(alphas, mode))
+        scales = ([beta_edge_weights(b, self.steps) for b in (self.beta_normal, self.beta_reduce)]
+                  if self.edge_norm else [None, None])
+        return tuple(zip(weights, scales, paths))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights_normal = F.softmax(self.alpha_normal, dim=-1)
-        weights_reduce = F.softmax(self.alpha_reduce, dim=-1)
+        arguments = self._cell_arguments()
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            weights = weights_reduce if cell.reduction else weights_normal
+            args = arguments[cell.reduction]
             if self.recompute == "cell" and torch.is_grad_enabled():
-                s0, s1 = s1, recompute_cell(cell, s0, s1, weights)
+                s0, s1 = s1, recompute_cell(cell, s0, s1, *args)
             else:
-                s0, s1 = s1, cell(s0, s1, weights)
+                s0, s1 = s1, cell(s0, s1, *args)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
@@ -154,13 +201,40 @@ class SearchNetwork(nn.Module):
         return F.cross_entropy(self(x), y)
 
     # -- architecture -------------------------------------------------------
+    # -- method hooks (search loop and architect) -------------------------------
+    def start_epoch(self, seed: int, epoch: int) -> None:
+        """Called by the search loop before each epoch (0-based)."""
+        if self.path_sampler is not None:
+            self.path_sampler.start_epoch(seed, epoch)
+
+    def before_arch_update(self, optimizer: torch.optim.Optimizer):
+        """Called by the architect after the gradients are set, before Adam steps."""
+        if self.path_sampler is not None:
+            return self.path_sampler.snapshot([self.alpha_normal, self.alpha_reduce], optimizer)
+        return None
+
+    def after_arch_update(self, optimizer: torch.optim.Optimizer, saved) -> None:
+        if self.path_sampler is not None:
+            none = self.op_names.index("none") if "none" in self.op_names else None
+            self.path_sampler.after_arch_update([self.alpha_normal, self.alpha_reduce], optimizer, saved, none)
+
+    # -- architecture -------------------------------------------------------
     def genotype(self) -> Genotype:
-        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.op_names, self.steps, self.multiplier)
+        betas = dict(beta_normal=self.beta_normal, beta_reduce=self.beta_reduce) if self.edge_norm else {}
+        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.op_names, self.steps, self.multiplier,
+                               **betas)
 
     def alpha_weights(self) -> dict[str, list[list[float]]]:
         """softmax(α) of both cell types as plain lists (for logs and plots)."""
         return {name: F.softmax(a.detach().float(), dim=-1).cpu().tolist()
                 for name, a in (("normal", self.alpha_normal), ("reduce", self.alpha_reduce))}
+
+    def edge_weights(self) -> dict[str, list[float]] | None:
+        """softmax(β) per node's incoming edges, both cell types (edge normalisation), else None."""
+        if not self.edge_norm:
+            return None
+        return {name: beta_edge_weights(b.detach().float(), self.steps).cpu().tolist()
+                for name, b in (("normal", self.beta_normal), ("reduce", self.beta_reduce))}
 
     def alpha_entropy(self) -> dict[str, float]:
         """Mean entropy (nats) of the per-edge op distributions; ln|O| at the

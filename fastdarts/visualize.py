@@ -349,11 +349,14 @@ def _history_array(history: Sequence[dict[str, Any]], op_names: Sequence[str], s
 
 
 def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str], steps: int,
-                       path: str | Path) -> Path:
+                       path: str | Path, betas: Sequence[dict[str, Any]] | None = None) -> Path:
     """Op weights (softmax(α)) of every edge over the epochs: one small plot
     per edge, row = target node, column = input node, one panel per cell
     type. A thick frame in an op's colour marks the edges the last epoch's
-    weights keep, so a reader sees why the genotype came out as it did."""
+    weights keep, so a reader sees why the genotype came out as it did.
+    ``betas`` (PC-DARTS' edge normalisation: per epoch, softmax(β) per edge
+    of each cell type) adds each edge's weight as a black line, and the kept
+    edges are ranked by op weight times edge weight, as the derivation does."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -361,18 +364,33 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise FastDartsError(f"steps must be a positive integer, got {steps!r}")
     weights = _history_array(history, op_names, steps)
+    edge_w = None
+    if betas is not None:
+        import numpy as np
+
+        if len(betas) != weights.shape[1]:
+            raise FastDartsError(f"betas has {len(betas)} epochs, the α history {weights.shape[1]}")
+        try:
+            edge_w = np.asarray([[entry[cell] for entry in betas] for cell in _CELLS], dtype=float)
+        except (TypeError, ValueError, KeyError):
+            raise FastDartsError("betas must hold one {'normal', 'reduce'} list of edge weights per epoch") from None
+        if edge_w.shape != weights.shape[:3]:
+            raise FastDartsError(f"betas have shape {edge_w.shape[1:]} per cell type, expected "
+                                 f"{weights.shape[1:3]} (epochs, edges)")
     epochs = list(range(1, weights.shape[1] + 1))
     marker = "o" if len(epochs) == 1 else None
-    top = min(1.0, float(weights.max()) * 1.08 + 0.02)
+    top = min(1.0, float(max(weights.max(), 0 if edge_w is None else edge_w.max())) * 1.08 + 0.02)
 
     width = max(9.0, 3.1 * (steps + 1) + 0.4)
-    legend_rows = -(-len(op_names) // int(width // 1.6))
-    columns = -(-len(op_names) // legend_rows)
+    entries = len(op_names) + (betas is not None)
+    legend_rows = -(-entries // int(width // 1.6))
+    columns = -(-entries // legend_rows)
     height = 1.15 * steps + 1.65 + 0.25 * legend_rows
     fig = _figure((width, height))
     panels = fig.subfigures(1, 2, wspace=0.02)
     for panel, (c, cell) in zip(panels, enumerate(_CELLS)):
-        kept = select_edges(weights[c, -1].tolist(), op_names, steps)
+        last = weights[c, -1] if edge_w is None else weights[c, -1] * edge_w[c, -1][:, None]
+        kept = select_edges(last.tolist(), op_names, steps)
         axes = panel.subplots(steps, steps + 1, sharex=True, sharey=True, squeeze=False)
         panel.subplots_adjust(left=0.1, right=0.98, top=1 - 0.75 / height,
                               bottom=(0.9 + 0.25 * legend_rows) / height, wspace=0.12, hspace=0.2)
@@ -387,6 +405,8 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
                 for k, op in enumerate(op_names):
                     ax.plot(epochs, weights[c, :, edge, k], color=_op_colour(op), lw=1.3, marker=marker, ms=4,
                             linestyle=(0, (3, 2)) if op == "none" else "-")
+                if edge_w is not None:
+                    ax.plot(epochs, edge_w[c, :, edge], color="black", lw=1.6, marker=marker, ms=4)
                 ax.set_ylim(0, top)
                 if len(epochs) <= 5:
                     ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
@@ -408,7 +428,11 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
                     ax.set_xlabel("epoch", fontsize=8)
     handles = [Line2D([], [], color=_op_colour(op), lw=2, marker=marker,
                       linestyle=(0, (3, 2)) if op == "none" else "-") for op in op_names]
-    fig.legend(handles, op_names, loc="lower center", bbox_to_anchor=(0.5, 0.3 / height), ncol=columns,
+    labels = list(op_names)
+    if edge_w is not None:
+        handles.append(Line2D([], [], color="black", lw=2, marker=marker))
+        labels.append("edge weight softmax(β)")
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.3 / height), ncol=columns,
                fontsize=8, frameon=False)
     fig.text(0.5, 0.1 / height, "op weight softmax(α) per edge; a thick frame marks an edge the last epoch keeps, "
              "in the colour of the op it keeps", ha="center", va="bottom", fontsize=8, color="#444444")

@@ -35,9 +35,11 @@ def test_search_writes_every_output(tmp_path):
 
     logged = []
     result = search(epochs=2, out=str(tmp_path), log=logged.append, **TINY)
-    # The kernel implementation is printed first and recorded per epoch and in the checkpoint.
+    # The effective configuration is printed first, then the kernel implementation,
+    # which is recorded per epoch and in the checkpoint.
     kernels = kernel_backend(torch.device("cpu"))
-    assert logged[0].startswith(f"mixed-op backend: fused, recompute: edge, kernels: {kernels} (usable here: ")
+    assert logged[0].startswith("method: darts (method=darts, ") and "order=second" in logged[0]
+    assert logged[1].startswith(f"mixed-op backend: fused, recompute: edge, kernels: {kernels} (usable here: ")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["kernels"] == kernels
     assert isinstance(result.genotype, Genotype)
     data = json.loads((tmp_path / "genotype.json").read_text())
@@ -49,6 +51,7 @@ def test_search_writes_every_output(tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2]
     for m in lines:
         assert m["backend"] == "fused" and m["recompute"] == "edge" and m["kernels"] == kernels
+        assert m["method"] == "darts" and m["config"]["batch_size"] == TINY["batch_size"] and "betas" not in m
         assert 0 <= m["train_acc"] <= 100 and 0 <= m["val_acc"] <= 100
         assert m["lr"] <= 0.025 and m["train_loss"] > 0
         assert len(m["alphas"]["normal"]) == 5 and len(m["alphas"]["normal"][0]) == 8

@@ -41,8 +41,12 @@ def _step_counters(*optimizers):
     return [s["step"] for opt in optimizers for s in opt.state.values() if "step" in s]
 
 
-def _search_setup(backend, order, device, recompute="edge"):
-    net = tiny_net(backend=backend, recompute=recompute).to(device)
+# PC-DARTS' slice, bypass, shuffle and β are in the step too.
+METHODS = {"darts": {}, "pc-darts": dict(partial_channels=2, edge_norm=True)}
+
+
+def _search_setup(backend, order, device, recompute="edge", **method):
+    net = tiny_net(backend=backend, recompute=recompute, **method).to(device)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(net, sgd, order=order)
     x = torch.randn(8, 3, 8, 8).to(device)
@@ -50,10 +54,11 @@ def _search_setup(backend, order, device, recompute="edge"):
     return net, sgd, architect, (x, y)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("order", ["first", "second"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_search_step_runs_on_the_meta_device(backend, order):
-    net, sgd, architect, batch = _search_setup(backend, order, "meta")
+def test_search_step_runs_on_the_meta_device(backend, order, method):
+    net, sgd, architect, batch = _search_setup(backend, order, "meta", **METHODS[method])
     for _ in range(2):  # the second step runs with momentum buffers and Adam state
         logits, loss, arch_loss = search_step(net, architect, sgd, batch, batch, 5.0)
     assert logits.device.type == "meta" and net.alpha_normal.device.type == "meta"
@@ -66,12 +71,32 @@ def test_search_step_with_cell_recompute_runs_on_the_meta_device(order):
         search_step(net, architect, sgd, batch, batch, 5.0)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("order", ["first", "second"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_search_step_has_no_host_read(backend, order):
-    net, sgd, architect, batch = _search_setup(backend, order, "cpu")
+def test_search_step_has_no_host_read(backend, order, method):
+    net, sgd, architect, batch = _search_setup(backend, order, "cpu", **METHODS[method])
     search_step(net, architect, sgd, batch, batch, 5.0)  # creates the optimiser state
     with NoHostReads(allowed=_step_counters(sgd, architect.optimizer)):
+        search_step(net, architect, sgd, batch, batch, 5.0)
+
+
+def test_a_warm_up_step_has_no_host_read():
+    net, sgd, architect, batch = _search_setup("fused", "first", "cpu")
+    search_step(net, architect, sgd, batch, batch, 5.0)
+    with NoHostReads(allowed=_step_counters(sgd, architect.optimizer)):
+        _, _, arch_loss = search_step(net, architect, sgd, batch, batch, 5.0, arch_step=False)
+    assert arch_loss is None
+
+
+def test_path_sampling_reads_alpha_on_the_host_and_says_so_on_meta():
+    """The one method that must: the host launches the sampled ops, so it
+    needs α's values (one small copy per forward). On the meta device that is
+    a clear error, not a crash inside torch."""
+    from fastdarts.errors import FastDartsError
+
+    net, sgd, architect, batch = _search_setup("fused", "first", "meta", sample_paths=2)
+    with pytest.raises(FastDartsError, match="path sampling .* host"):
         search_step(net, architect, sgd, batch, batch, 5.0)
 
 

@@ -1,0 +1,138 @@
+"""ProxylessNAS' path sampling (Cai et al., ICLR 2019; SPEC §8).
+
+``SearchNetwork(sample_paths=N)`` evaluates each edge on sampled ops only:
+
+- weight step (α frozen): one op per edge drawn from p = softmax(α), computed
+  alone (the original's ``MODE = None``);
+- architecture step (α requires grad): the original's ``two`` mode for N=2,
+  generalised to N: N ops drawn from p without replacement, q = softmax of
+  their α, one made active by a draw from q (binary gate 1), the others
+  inactive (gate 0, output detached). The gates are a straight-through
+  one-hot of q, so autograd gives the original's
+  ``∂L/∂α_i = Σ_j g_j q_j (δ_ij − q_i)`` with g_j = ⟨dy, o_j(x)⟩.
+  ``after_arch_update`` then undoes the update of edges whose active op is
+  ``none`` (the original sets their gradient to None) and shifts the N
+  updated α of every edge by one offset so that their log-sum-exp is
+  unchanged (the original's ``rescale_updated_arch_param``);
+- evaluation (eval mode): each edge's strongest op (argmax α), as the
+  original's ``set_chosen_op_active``.
+
+Draws come from a CPU generator seeded by (seed, epoch) at the start of each
+epoch (``start_epoch``), so a resumed run draws the same paths. Choosing
+which ops to launch needs the probabilities on the host: one small
+device-to-host copy per forward, the one host read a sampled step makes (so
+path sampling cannot be captured as a CUDA graph).
+
+First order only: the second-order virtual step differentiates a sampled
+network whose paths change between its passes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FastDartsError
+
+
+class _StraightThroughOneHot(torch.autograd.Function):
+    """Forward: the one-hot gates (exactly 0 and 1; column 0 active).
+    Backward: the gate gradient passed to q unchanged."""
+
+    @staticmethod
+    def forward(ctx, q):
+        gates = torch.zeros_like(q)
+        gates[..., 0] = 1
+        return gates
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def check_sample_paths(n, num_ops: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= num_ops - 1:
+        raise FastDartsError(f"sample-paths must be in 1..{num_ops - 1} (the number of ops minus one), got {n!r}")
+    return n
+
+
+class PathSampler:
+    """The sampled paths of every edge of both cell types, per forward."""
+
+    def __init__(self, num_paths: int):
+        self.num_paths = num_paths
+        self.generator = torch.Generator().manual_seed(0)
+        self.last_arch_sample: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def start_epoch(self, seed: int, epoch: int) -> None:
+        """Seed the draws of ``epoch`` (0-based) from (seed, epoch)."""
+        self.generator.manual_seed((seed * 1_000_003 + epoch) % 2 ** 63)
+
+    # -- sampling -----------------------------------------------------------
+    def sample(self, alphas: list[torch.Tensor], mode: str) -> list[tuple[torch.Tensor, tuple]]:
+        """Per α (one per cell type): (weights [edges, paths], paths per edge).
+
+        mode: ``weight`` (one op from p, weight 1), ``arch`` (gated paths,
+        weights differentiable in α) or ``chosen`` (argmax, weight 1)."""
+        if alphas[0].device.type == "meta":
+            raise FastDartsError("path sampling chooses the ops to run on the host from α's values, which a "
+                                 "meta tensor does not have")
+        with torch.no_grad():
+            host = torch.stack([a.detach().float() for a in alphas]).cpu()  # the one host read
+        out = []
+        self.last_arch_sample = [] if mode == "arch" else None
+        for alpha, a in zip(alphas, host):
+            edges = a.shape[0]
+            if mode == "chosen":
+                paths = [(int(k),) for k in a.argmax(-1)]
+            elif mode == "weight":
+                probs = F.softmax(a, dim=-1)
+                paths = [(int(k),) for k in torch.multinomial(probs, 1, generator=self.generator)[:, 0]]
+            else:
+                out.append(self._arch_sample(alpha, a))
+                continue
+            ones = torch.ones(edges, 1, dtype=alpha.dtype, device=alpha.device)
+            out.append((ones, tuple(paths)))
+        return out
+
+    def _arch_sample(self, alpha: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        n = self.num_paths
+        drawn = torch.multinomial(F.softmax(a, dim=-1), n, replacement=False, generator=self.generator)
+        q_host = F.softmax(a.gather(1, drawn), dim=-1)
+        active = torch.multinomial(q_host, 1, generator=self.generator)[:, 0]
+        # Active path first: its gate is column 0.
+        order = [[int(c)] + [j for j in range(n) if j != int(c)] for c in active]
+        involved = drawn.gather(1, torch.tensor(order))
+        index = involved.to(alpha.device)
+        q = F.softmax(alpha.gather(1, index), dim=-1)
+        gates = _StraightThroughOneHot.apply(q)
+        self.last_arch_sample.append((index, involved[:, 0]))
+        return gates, tuple(tuple(int(k) for k in row) for row in involved)
+
+    # -- after the Adam step on α ----------------------------------------------
+    def snapshot(self, alphas: list[torch.Tensor], optimizer: torch.optim.Optimizer):
+        """What ``after_arch_update`` needs: α and its Adam moments before the step."""
+        if self.last_arch_sample is None:
+            raise FastDartsError("path sampling: no architecture sample to update (call the model with α "
+                                 "requiring grad first)")
+        with torch.no_grad():
+            return [(a.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(a, {}).items()
+                                          if isinstance(v, torch.Tensor) and v.shape == a.shape})
+                    for a in alphas]
+
+    @torch.no_grad()
+    def after_arch_update(self, alphas: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved,
+                          none_index: int | None) -> None:
+        for alpha, (old, old_state), (index, active) in zip(alphas, saved, self.last_arch_sample):
+            if none_index is not None:
+                # Edges whose active op is `none` are not updated (the original's grad = None).
+                keep = (active == none_index).to(alpha.device).unsqueeze(1)
+                alpha.copy_(torch.where(keep, old, alpha))
+                # Adam's moments too (zeros where the step created them).
+                for key, value in optimizer.state.get(alpha, {}).items():
+                    if isinstance(value, torch.Tensor) and value.shape == alpha.shape:
+                        before = old_state.get(key)
+                        value.copy_(torch.where(keep, torch.zeros_like(value) if before is None else before, value))
+            # Shift the updated paths so that log Σ exp over them is unchanged.
+            offset = torch.logsumexp(alpha.gather(1, index), -1) - torch.logsumexp(old.gather(1, index), -1)
+            alpha.scatter_(1, index, alpha.gather(1, index) - offset.unsqueeze(1))
+        self.last_arch_sample = None
