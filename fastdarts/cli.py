@@ -93,6 +93,13 @@ def search_parser() -> argparse.ArgumentParser:
                              "step N (1..ops-1; first order only) " + _by_method("sample_paths"))
     method.add_argument("--arch-warmup-epochs", type=_non_negative_int, default=None, metavar="E",
                         help="no architecture step in the first E epochs " + _by_method("arch_warmup_epochs"))
+    method.add_argument("--aux-skip", action="store_true",
+                        help="DARTS-: every mixed op adds an auxiliary skip connection weighted 1 - t/E in epoch t "
+                             "of E (FactorizedReduce on stride-2 edges)")
+    method.add_argument("--early-stop", action="append", default=None, metavar="CRITERION",
+                        help="DARTS+: skip:M stops after the first epoch whose normal cell holds M skip connections; "
+                             "stable:E once the parametric ops' ranking on every edge held for E epochs. May be "
+                             "given twice or as skip:2,stable:10; the stopping epoch's genotype is the result")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=_positive_int, default=None, help=_by_method("batch_size"))
     opt.add_argument("--epochs", type=_positive_int, default=None, help=_by_method("epochs"))

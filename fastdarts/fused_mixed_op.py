@@ -495,6 +495,12 @@ _ONE: dict[torch.device, torch.Tensor] = {}  # the weight of a one-op "edge", pe
 
 
 @torch.compiler.disable
+def fused_single_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """``weight · module(x)`` for one fusable op (a one-op edge; ``weight`` of shape (1,))."""
+    return _fused(_candidates(module, [module]), stride, x, weight, lambda: weight[0] * module(x))
+
+
+@torch.compiler.disable
 def fused_preprocess(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A cell's input preprocessing (ReLU -> 1x1 conv -> BN, or FactorizedReduce)
     evaluated like a one-op edge of weight 1. Its input, the previous cell's

@@ -47,10 +47,15 @@ DEFAULT_BACKEND = "fused"
 class MixedOp(nn.Module):
     """One supernet edge: every candidate op, mixed by the softmax weights."""
 
-    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = DEFAULT_BACKEND):
+    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = DEFAULT_BACKEND,
+                 aux_skip: bool = False):
         super().__init__()
         self.op_names = tuple(op_names)
         self.stride = stride
+        if aux_skip:  # before the ops, as DARTS-' code registers it
+            from .methods.aux_skip import make_aux_op
+
+            self.auxiliary_op = make_aux_op(C, stride)
         self.ops = nn.ModuleList()
         for name in self.op_names:
             op = OPS[name](C, stride, False)
@@ -60,12 +65,24 @@ class MixedOp(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
-                scale: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, aux_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``aux_weight``: DARTS-' β_t, with which the auxiliary skip is added."""
         if scale is not None:
             if self.backend == "reference":
-                return scale * mixed_op_reference(self, x, weights, paths)
+                return scale * self.mixed(x, weights, paths, aux_weight)
             weights = weights * scale
-        return MIXED_OP_BACKENDS[self.backend](self, x, weights, paths)
+            aux_weight = None if aux_weight is None else aux_weight * scale
+        return self.mixed(x, weights, paths, aux_weight)
+
+    def mixed(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
+              aux_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The ops' weighted sum on this edge's backend, plus the auxiliary skip."""
+        y = MIXED_OP_BACKENDS[self.backend](self, x, weights, paths)
+        if aux_weight is not None:
+            from .methods.aux_skip import aux_output
+
+            y = y + aux_output(self.auxiliary_op, self.backend, x, aux_weight)
+        return y
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, backend={self.backend!r}"

@@ -26,7 +26,9 @@ from .genotype import Genotype
 from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
 from .methods import method_preset
+from .methods.aux_skip import aux_skip_weight
 from .methods.partial_channels import check_partial_channels
+from .methods.early_stop import canonical, parse_early_stop, rank_measures, skip_connects, stop_reason
 from .methods.path_sampling import check_sample_paths
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
@@ -68,6 +70,8 @@ class SearchConfig:
     edge_norm: bool | None = None         # PC-DARTS' edge normalisation (β)
     sample_paths: int | None = None       # ProxylessNAS' paths per edge in the architecture step (0: off)
     arch_warmup_epochs: int | None = None  # epochs without an architecture step at the start
+    aux_skip: bool = False             # DARTS-' auxiliary skip, weight 1 − t/E in epoch t
+    early_stop: str | Sequence[str] | None = None  # DARTS+ criteria: "skip:2", "stable:10" or both
     train_portion: float = 0.5
     backend: str = DEFAULT_BACKEND
     recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
@@ -121,8 +125,10 @@ class SearchConfig:
         if self.sample_paths and self.backend == "checkpoint":
             raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or "
                                  "reference")
+        early_stop = canonical(parse_early_stop(self.early_stop))
         layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
-        return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None, edge_norm=bool(self.edge_norm))
+        return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None, edge_norm=bool(self.edge_norm),
+                                   aux_skip=bool(self.aux_skip), early_stop=early_stop)
 
     def result_defining(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
@@ -138,7 +144,8 @@ class SearchConfig:
 
 
 # What a checkpoint written before the methods existed ran: DARTS.
-_LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0)
+_LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
+                      aux_skip=False, early_stop=None)
 
 
 @dataclass
@@ -147,6 +154,11 @@ class SearchResult:
     history: list[dict]
     out: Path
     model: SearchNetwork = field(repr=False)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the search stopped early (DARTS+ criteria), or None."""
+        return self.history[-1].get("stopped") if self.history else None
 
 
 def genotype_line(genotype: Genotype) -> str:
@@ -224,7 +236,10 @@ class _Searcher:
             layers=None, layout=config.layout, ops=config.ops.split(","),
             steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
             backend=config.backend, recompute=config.recompute, partial_channels=config.partial_channels,
-            edge_norm=config.edge_norm, sample_paths=config.sample_paths).to(self.device)
+            edge_norm=config.edge_norm, sample_paths=config.sample_paths, aux_skip=config.aux_skip).to(self.device)
+        self.criteria = parse_early_stop(config.early_stop)
+        # Softmax(α) before the first epoch: what epoch 1's ranking is compared with.
+        self.initial_alphas = self.model.alpha_weights()
         # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
         self.kernels = kernel_backend(self.device) if config.backend == "fused" else None
         log(f"method: {config.method} ({config.summary()})")
@@ -281,7 +296,7 @@ class _Searcher:
         arch_stream = self.arch_loader.cycle(epoch)
         n_steps = self._steps(self.train_loader)
         arch_step = epoch >= cfg.arch_warmup_epochs
-        model.start_epoch(cfg.seed, epoch)
+        model.start_epoch(cfg.seed, epoch, cfg.epochs)
         progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
         arch_loss_sum = torch.zeros((), device=self.device)
         for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
@@ -319,30 +334,48 @@ class _Searcher:
     def run(self, on_epoch_end: Callable[[dict], None] | None) -> SearchResult:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.history and self.history[-1].get("stopped"):
+            self.log(f"this search has finished: it stopped after epoch {len(self.history)} "
+                     f"({self.history[-1]['stopped']}); nothing to resume")
+            return self._finish()
         for epoch in range(len(self.history), cfg.epochs):
             start = time.perf_counter()
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
             set_lr(self.weight_optimizer, lr)
             entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate(),
                          method=cfg.method, backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
+            if cfg.aux_skip:
+                entry["aux_skip_weight"] = aux_skip_weight(epoch, cfg.epochs)
             genotype = self.model.genotype()
             entropy = self.model.alpha_entropy()
             betas = self.model.edge_weights()
-            entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=self.model.alpha_weights(),
-                         **({"betas": betas} if betas is not None else {}), config=cfg.result_defining(),
-                         seconds=time.perf_counter() - start)
+            alphas = self.model.alpha_weights()
+            previous = self.history[-1] if self.history else None
+            entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=alphas,
+                         **({"betas": betas} if betas is not None else {}),
+                         skip_connects=skip_connects(genotype),
+                         **rank_measures(previous["alphas"] if previous else self.initial_alphas, alphas,
+                                         self.model.op_names, previous.get("rank_unchanged_epochs", 0) if previous else 0),
+                         config=cfg.result_defining())
+            stopped = stop_reason(self.criteria, entry)
+            entry.update(stopped=stopped, seconds=time.perf_counter() - start)
             self.history.append(entry)
             # Metrics first: a crash between the two never leaves a checkpoint newer than them.
             self._write_metrics()
             self._save_checkpoint()
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
                      f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
-                     f"reduce {entropy['reduce']:.4f}  {entry['seconds']:.1f}s"
+                     f"reduce {entropy['reduce']:.4f}  rank tau {entry['alpha_rank_tau']:.3f} "
+                     f"(unchanged {entry['rank_unchanged_epochs']})  skips {entry['skip_connects']}  "
+                     f"{entry['seconds']:.1f}s"
                      + ("" if entry["arch_step"] else "  (architecture warm-up: no α step)")
                      + (f"\n  {beta_line(betas, self.model.steps)}" if betas is not None else "")
                      + f"\n  genotype {genotype_line(genotype)}")
             if on_epoch_end is not None:
                 on_epoch_end(entry)
+            if stopped:
+                self.log(f"stopping after epoch {epoch + 1}/{cfg.epochs}: {stopped}")
+                break
         return self._finish()
 
     def _finish(self) -> SearchResult:
@@ -355,7 +388,8 @@ class _Searcher:
         plot_alpha_history([h["alphas"] for h in self.history], self.model.op_names, self.model.steps,
                            self.out / "alphas.png",
                            betas=[h["betas"] for h in self.history] if self.model.edge_norm else None)
-        self.log(f"searched genotype:\n{genotype}")
+        stopped = self.history[-1].get("stopped") if self.history else None
+        self.log(f"searched genotype{f' (epoch {len(self.history)}, {stopped})' if stopped else ''}:\n{genotype}")
         self.log(f"wrote {self.out / 'genotype.json'}, {', '.join(str(p) for p in pictures)}, "
                  f"{self.out / 'alphas.png'}, {self.out / 'metrics.jsonl'}")
         return SearchResult(genotype=genotype, history=self.history, out=self.out, model=self.model)

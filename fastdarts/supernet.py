@@ -24,6 +24,7 @@ from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
 from .fused_mixed_op import fused_preprocess
 from .methods.edge_norm import edge_weights as beta_edge_weights
+from .methods.aux_skip import aux_skip_weight
 from .methods.partial_channels import PartialChannelMixedOp, check_partial_channels
 from .methods.path_sampling import PathSampler, check_sample_paths
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
@@ -36,7 +37,8 @@ class SearchCell(nn.Module):
     output concatenates the last ``multiplier`` of them."""
 
     def __init__(self, op_names: Sequence[str], steps: int, multiplier: int, C_prev_prev: int, C_prev: int,
-                 C: int, reduction: bool, reduction_prev: bool, backend: str, partial_channels: int = 1):
+                 C: int, reduction: bool, reduction_prev: bool, backend: str, partial_channels: int = 1,
+                 aux_skip: bool = False):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -48,15 +50,17 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         def edge(stride: int) -> MixedOp:
             if partial_channels == 1:
-                return MixedOp(C, stride, op_names, backend)
-            return PartialChannelMixedOp(C, stride, op_names, backend, k=partial_channels)
+                return MixedOp(C, stride, op_names, backend, aux_skip)
+            return PartialChannelMixedOp(C, stride, op_names, backend, k=partial_channels, aux_skip=aux_skip)
 
         self.edges = nn.ModuleList(edge(2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                edge_scales: torch.Tensor | None = None, paths: tuple | None = None) -> torch.Tensor:
+                edge_scales: torch.Tensor | None = None, paths: tuple | None = None,
+                aux_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weights``: one row of op weights per edge (with ``paths``, one per
-        sampled path); ``edge_scales``: softmax(β) per edge (edge normalisation)."""
+        sampled path); ``edge_scales``: softmax(β) per edge (edge normalisation);
+        ``aux_weight``: DARTS-' β_t of the auxiliary skip."""
         if self.edges[0].backend == "fused":
             # The preprocessing's ReLU and conv outputs are the largest
             # activations left once the edges keep none: recompute them too.
@@ -66,7 +70,7 @@ class SearchCell(nn.Module):
         offset = 0
         for _ in range(self.steps):
             s = sum(self.edges[offset + j](h, weights[offset + j], None if paths is None else paths[offset + j],
-                                           None if edge_scales is None else edge_scales[offset + j])
+                                           None if edge_scales is None else edge_scales[offset + j], aux_weight)
                     for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
@@ -93,12 +97,14 @@ class SearchNetwork(nn.Module):
         edge_norm: PC-DARTS' edge normalisation (β, ``methods/edge_norm.py``).
         sample_paths: ProxylessNAS' paths per edge in the architecture step
             (0: off; ``methods/path_sampling.py``).
+        aux_skip: DARTS-' auxiliary skip on every edge, weighted by the
+            ``aux_skip_weight`` buffer (β_t; ``methods/aux_skip.py``).
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
                  in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge",
-                 partial_channels: int = 1, edge_norm: bool = False, sample_paths: int = 0):
+                 partial_channels: int = 1, edge_norm: bool = False, sample_paths: int = 0, aux_skip: bool = False):
         super().__init__()
         self.recompute = check_recompute(recompute)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
@@ -110,7 +116,7 @@ class SearchNetwork(nn.Module):
             raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
         self.op_names = resolve_ops(ops)
         check_partial_channels(partial_channels, C)
-        self.partial_channels, self.edge_norm = partial_channels, bool(edge_norm)
+        self.partial_channels, self.edge_norm, self.aux_skip = partial_channels, bool(edge_norm), bool(aux_skip)
         self.sample_paths = check_sample_paths(sample_paths, len(self.op_names))
         if sample_paths and check_backend(backend) == "checkpoint":
             raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or reference")
@@ -129,7 +135,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             self.cells.append(SearchCell(self.op_names, steps, multiplier, C_prev_prev, C_prev, C_curr,
-                                         reduction, reduction_prev, backend, partial_channels))
+                                         reduction, reduction_prev, backend, partial_channels, self.aux_skip))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -144,6 +150,10 @@ class SearchNetwork(nn.Module):
             self.beta_normal = nn.Parameter(1e-3 * torch.randn(k))
             self.beta_reduce = nn.Parameter(1e-3 * torch.randn(k))
         self.path_sampler = PathSampler(sample_paths) if sample_paths else None
+        if self.aux_skip:
+            # β_t, filled by the loop each epoch (a tensor: nothing baked into a step); not
+            # in the state_dict, since the epoch decides it.
+            self.register_buffer("aux_skip_weight", torch.ones(()), persistent=False)
 
     # -- parameters ---------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -183,7 +193,8 @@ class SearchNetwork(nn.Module):
             weights, paths = zip(*self.path_sampler.sample(alphas, mode))
         scales = ([beta_edge_weights(b, self.steps) for b in (self.beta_normal, self.beta_reduce)]
                   if self.edge_norm else [None, None])
-        return tuple(zip(weights, scales, paths))
+        aux = self.aux_skip_weight if self.aux_skip else None
+        return tuple((w, s, p, aux) for w, s, p in zip(weights, scales, paths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arguments = self._cell_arguments()
@@ -202,10 +213,16 @@ class SearchNetwork(nn.Module):
 
     # -- architecture -------------------------------------------------------
     # -- method hooks (search loop and architect) -------------------------------
-    def start_epoch(self, seed: int, epoch: int) -> None:
-        """Called by the search loop before each epoch (0-based)."""
+    def start_epoch(self, seed: int, epoch: int, epochs: int | None = None) -> None:
+        """Called by the search loop before each epoch (0-based) of ``epochs``."""
         if self.path_sampler is not None:
             self.path_sampler.start_epoch(seed, epoch)
+        if self.aux_skip:
+            if epochs is None:
+                raise FastDartsError("the auxiliary skip's β_t needs the number of epochs: start_epoch(seed, "
+                                     "epoch, epochs)")
+            with torch.no_grad():
+                self.aux_skip_weight.fill_(aux_skip_weight(epoch, epochs))
 
     def before_arch_update(self, optimizer: torch.optim.Optimizer):
         """Called by the architect after the gradients are set, before Adam steps."""

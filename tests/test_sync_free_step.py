@@ -42,7 +42,7 @@ def _step_counters(*optimizers):
 
 
 # PC-DARTS' slice, bypass, shuffle and β are in the step too.
-METHODS = {"darts": {}, "pc-darts": dict(partial_channels=2, edge_norm=True)}
+METHODS = {"darts": {}, "pc-darts": dict(partial_channels=2, edge_norm=True), "darts-": dict(aux_skip=True)}
 
 
 def _search_setup(backend, order, device, recompute="edge", **method):

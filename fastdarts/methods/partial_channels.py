@@ -28,11 +28,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDartsError
-from ..mixed_op import DEFAULT_BACKEND, MixedOp, _reference_with_params, mixed_op_reference
-from ..fused_mixed_op import mixed_op_fused
+from ..mixed_op import DEFAULT_BACKEND, MixedOp, _reference_with_params
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,18 +99,24 @@ def _edge_reference(edge: "PartialChannelMixedOp", y1: torch.Tensor, x2: torch.T
     return y if scale is None else scale * y  # the original's weights2[j] * edge(x)
 
 
-def _edge_checkpointed(edge: "PartialChannelMixedOp", names: list[list[str]], x: torch.Tensor,
-                       weights: torch.Tensor, scale: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+def _edge_checkpointed(edge: "PartialChannelMixedOp", names: list[list[str]], aux_names: list[str],
+                       x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None,
+                       aux_weight: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
     x1, x2 = edge.split(x)
-    return _edge_reference(edge, _reference_with_params(edge, names, x1, weights, *params), x2, scale)
+    n_ops = sum(len(n) for n in names)
+    y1 = _reference_with_params(edge, names, x1, weights, *params[:n_ops])
+    if aux_weight is not None:
+        y1 = y1 + aux_weight * functional_call(edge.auxiliary_op, dict(zip(aux_names, params[n_ops:])), (x1,))
+    return _edge_reference(edge, y1, x2, scale)
 
 
 class PartialChannelMixedOp(MixedOp):
     """A PC-DARTS edge for C channels: the candidate ops see the first C/K."""
 
-    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = DEFAULT_BACKEND, k: int = 4):
+    def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = DEFAULT_BACKEND, k: int = 4,
+                 aux_skip: bool = False):
         check_partial_channels(k, C)
-        super().__init__(C // k, stride, op_names, backend)
+        super().__init__(C // k, stride, op_names, backend, aux_skip)
         self.k = k
         self.mp = nn.MaxPool2d(2, 2, ceil_mode=True)
 
@@ -119,26 +125,30 @@ class PartialChannelMixedOp(MixedOp):
         return x[:, :c], x[:, c:]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
-                scale: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, aux_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``aux_weight``: DARTS-' β_t; its auxiliary skip sits inside the mixed op (on the C/K channels)."""
+        x1, x2 = self.split(x)
         if self.backend == "reference":
-            x1, x2 = self.split(x)
-            return _edge_reference(self, mixed_op_reference(self, x1, weights, paths), x2, scale)
+            return _edge_reference(self, self.mixed(x1, weights, paths, aux_weight), x2, scale)
         if self.backend == "checkpoint":
             if paths is not None:
                 raise FastDartsError("path sampling does not run on the checkpoint backend; "
                                      "use --backend fused or reference")
-            x1, x2 = self.split(x)
             if not torch.is_grad_enabled():
-                return _edge_reference(self, mixed_op_reference(self, x1, weights), x2, scale)
+                return _edge_reference(self, self.mixed(x1, weights, None, aux_weight), x2, scale)
             from ..mixed_op import running_stats_frozen_context
 
             named = [list(op.named_parameters()) for op in self.ops]
-            return checkpoint(_edge_checkpointed, self, [[n for n, _ in ps] for ps in named], x, weights, scale,
-                              *(p for ps in named for _, p in ps), use_reentrant=False, preserve_rng_state=False,
+            aux = list(self.auxiliary_op.named_parameters()) if aux_weight is not None else []
+            return checkpoint(_edge_checkpointed, self, [[n for n, _ in ps] for ps in named], [n for n, _ in aux],
+                              x, weights, scale, aux_weight, *(p for ps in named for _, p in ps),
+                              *(p for _, p in aux), use_reentrant=False, preserve_rng_state=False,
                               context_fn=lambda: running_stats_frozen_context(self))
         # fused: β folded into the op weights, the bypass scaled by a Function that keeps only its input.
-        x1, x2 = self.split(x)
-        y1 = mixed_op_fused(self, x1, weights if scale is None else weights * scale, paths)
+        if scale is not None:
+            weights = weights * scale
+            aux_weight = None if aux_weight is None else aux_weight * scale
+        y1 = self.mixed(x1, weights, paths, aux_weight)
         if scale is None:
             y2 = ScaledBypass.apply(x2, _one(x2), 2) if self.stride == 2 else x2
         else:
