@@ -16,6 +16,7 @@ model but in the optimisers and the gradient clipping, which use the
 ``_foreach_*`` ops on CUDA tensors and a loop over the parameters on CPU ones.
 
     python benchmarks/op_count.py --backend fused --order first
+    python benchmarks/op_count.py --backend fused --order first --method pc-darts
     python benchmarks/op_count.py --backend fused --order second --channels 8 --layers 5 --batch-size 8 --image-size 16
 
 From a test (put ``benchmarks/`` on ``sys.path`` first)::
@@ -63,12 +64,13 @@ def count_step(model, architect, weight_optimizer, train_batch, val_batch, grad_
 
 
 def count_search_step(backend: str = "fused", order: str = "first", ops: str = "8", channels: int = 16,
-                      layers: int = 8, batch_size: int = 64, image_size: int = 32, warmup: int = 1
-                      ) -> collections.Counter[str]:
-    """Build the configuration of ``benchmarks/search_step.py`` on the CPU,
-    run ``warmup`` steps, and count the ops of the next one."""
+                      layers: int = 8, batch_size: int = 64, image_size: int = 32, warmup: int = 1,
+                      method: str = "darts") -> collections.Counter[str]:
+    """Build the configuration of ``benchmarks/search_step.py`` on the CPU
+    (with ``method``'s network options), run ``warmup`` steps, and count the
+    ops of the next one."""
     model, sgd, architect, batches = build_search(backend, order, ops, channels, layers, batch_size, image_size,
-                                                  torch.device("cpu"))
+                                                  torch.device("cpu"), method=method)
     from fastdarts.search_loop import search_step
 
     for _ in range(warmup):
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="fused", help="reference, checkpoint or fused")
     p.add_argument("--order", default="first", help="first or second")
+    p.add_argument("--method", default="darts", help="darts, pc-darts or proxyless (its network options)")
     p.add_argument("--ops", default="8", help="a count 4..10 (first N of the extended list) or an op-set/op names")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--layers", type=int, default=8)
@@ -97,8 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=15, help="how many of the most frequent ops to list")
     args = p.parse_args(argv)
     counts = count_search_step(args.backend, args.order, args.ops, args.channels, args.layers, args.batch_size,
-                               args.image_size, args.warmup)
-    print(f"{args.backend}/{args.order}: {sum(counts.values())} ops dispatched per search step "
+                               args.image_size, args.warmup, args.method)
+    print(f"{args.method}/{args.backend}/{args.order}: {sum(counts.values())} ops dispatched per search step "
           f"({len(counts)} distinct)")
     print(format_top(counts, args.top))
     return 0

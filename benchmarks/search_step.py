@@ -1,4 +1,5 @@
-"""Peak memory and time of one full DARTS search step, per mixed-op backend.
+"""Peak memory and time of one full DARTS search step, per mixed-op backend
+(and per search method: ``--methods darts,pc-darts,proxyless``).
 
 A search step is what ``fastdarts-search`` does per batch: the architecture
 step (first or second order) and then the weight step. Each backend runs in a
@@ -18,21 +19,39 @@ weigh most on the leanest backend. Then:
   meaningful figure: memory freed by a step stays resident in the C heap,
   so the peak of a later step above its baseline says little.
 The step time is the median of ``--repeat`` steps after ``--warmup`` more.
+``load_average`` (column ``load``) is the machine's 1-minute load average
+at the end of a measurement: above the number of threads, other processes
+competed for the cores and the step time means little.
 ``aten_ops_per_step`` (column ``aten ops``) is the number of ATen (and
 fastdarts) ops one step dispatches, counted on the CPU after the
 measurements (``op_count.py``, which also lists the most frequent ones;
 ``--no-op-count`` skips it).
+
+``--methods`` (default ``darts``) measures each search method with every
+backend: the supernet takes the method's network options from
+``fastdarts.methods.METHOD_PRESETS`` (pc-darts: ``partial_channels=4``,
+``edge_norm=True``; proxyless: ``sample_paths=2``, its draws seeded by
+``model.start_epoch(0, 0)``) and the architect its Adam settings; the order,
+batch and network size stay those of the command line. Combinations that do
+not exist are skipped and listed (JSON ``skipped``): path sampling has no
+``checkpoint`` backend and no second-order step. The column ``method`` and
+the ratios ``mem/darts``, ``time/darts`` (to DARTS on the same backend,
+order and recompute mode) appear when more than one method is measured.
 
     python benchmarks/search_step.py --device cpu --order second --batch-size 64 --layers 8
     # memory against the number of candidate ops (4..10 of the extended list), with a plot
     python benchmarks/search_step.py --sweep-ops --plot sweep.png --json sweep.json --repeat 1 --warmup 0
     # GPU: the largest batch each backend fits, and its images/s there
     python benchmarks/search_step.py --device cuda --find-max-batch --batch-size 64
+    # the search methods (first order: the order of PC-DARTS and ProxylessNAS)
+    python benchmarks/search_step.py --device cpu --order first --layers 5 --batch-size 32 \
+        --methods darts,pc-darts,proxyless
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -41,6 +60,9 @@ import time
 from pathlib import Path
 
 BACKENDS = ("reference", "checkpoint", "fused")
+METHODS = ("darts", "pc-darts", "proxyless")
+# The supernet options that make a method (the rest of a preset is the loop's: lr, batch, epochs...).
+METHOD_NETWORK_OPTIONS = ("partial_channels", "edge_norm", "sample_paths")
 
 
 def _rss_bytes(field: str) -> int:
@@ -85,20 +107,38 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def skip_reason(method: str, backend: str, order: str) -> str | None:
+    """Why this combination does not exist (None: it does)."""
+    from fastdarts.methods import method_preset
+
+    if method_preset(method)["sample_paths"]:
+        if backend == "checkpoint":
+            return "path sampling has no checkpoint backend"
+        if order == "second":
+            return "path sampling has a first-order architecture step only"
+    return None
+
+
 def build_search(backend: str, order: str, ops: str, channels: int, layers: int, batch_size: int,
-                 image_size: int, device, recompute: str = "edge"):
-    """The benchmark's configuration: ``(model, sgd, architect, [train_batch, val_batch])``."""
+                 image_size: int, device, recompute: str = "edge", method: str = "darts"):
+    """The benchmark's configuration: ``(model, sgd, architect, [train_batch, val_batch])``.
+
+    ``method``: the supernet options and the architect's Adam settings of
+    that method's preset; with path sampling, the draws of epoch 0 of seed 0."""
     import torch
 
     from fastdarts import Architect, EXTENDED_OPS, SearchNetwork, resolve_ops
+    from fastdarts.methods import method_preset
 
     torch.manual_seed(0)
     device = torch.device(device)
+    preset = method_preset(method)
     op_names = EXTENDED_OPS[: int(ops)] if ops.isdigit() else resolve_ops(ops)
     model = SearchNetwork(C=channels, num_classes=10, layers=layers, ops=op_names, backend=backend,
-                          recompute=recompute).to(device)
+                          recompute=recompute, **{k: preset[k] for k in METHOD_NETWORK_OPTIONS}).to(device)
+    model.start_epoch(0, 0)  # seeds path sampling's draws; nothing for the other methods
     sgd = torch.optim.SGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
-    architect = Architect(model, sgd, order=order)
+    architect = Architect(model, sgd, order=order, lr=preset["arch_lr"], weight_decay=preset["arch_weight_decay"])
     shape = (batch_size, 3, image_size, image_size)
     # Pixel values do not change time or memory; random batches keep the benchmark offline.
     batches = [(torch.randn(shape, device=device), torch.randint(0, 10, (batch_size,), device=device))
@@ -125,7 +165,8 @@ def aten_ops_per_step(args, model, sgd, architect, batches) -> int:
     if args.device != "cpu":
         batch = min(args.batch_size, args.warmup_batch or 2)
         model, sgd, architect, batches = build_search(args.backend, args.order, args.ops, args.channels,
-                                                      args.layers, batch, args.image_size, "cpu", args.recompute)
+                                                      args.layers, batch, args.image_size, "cpu", args.recompute,
+                                                      args.method)
         search_step(model, architect, sgd, batches[0], batches[1], 5.0)
     return sum(count_step(model, architect, sgd, batches[0], batches[1], 5.0).values())
 
@@ -138,7 +179,8 @@ def worker(args) -> dict:
 
     device = torch.device(args.device)
     model, sgd, architect, batches = build_search(args.backend, args.order, args.ops, args.channels, args.layers,
-                                                  args.batch_size, args.image_size, device, args.recompute)
+                                                  args.batch_size, args.image_size, device, args.recompute,
+                                                  args.method)
     ops = model.op_names
 
     if args.warmup_batch:
@@ -159,10 +201,20 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
     aten_ops = aten_ops_per_step(args, model, sgd, architect, batches) if args.op_count else None
-    return dict(backend=args.backend, recompute=args.recompute, order=args.order, num_ops=len(ops),
+    return dict(method=args.method, backend=args.backend, recompute=args.recompute, order=args.order, num_ops=len(ops),
                 batch_size=args.batch_size,
                 peak_memory_bytes=peak,
-                step_seconds=step, images_per_second=args.batch_size / step, aten_ops_per_step=aten_ops)
+                step_seconds=step, images_per_second=args.batch_size / step, aten_ops_per_step=aten_ops,
+                # Other processes on the machine skew the times (and the fused kernels' OpenMP threads most).
+                load_average=_load_average())
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average at the end of the measurement (None where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def device_name(device: str) -> str:
@@ -179,11 +231,11 @@ def device_name(device: str) -> str:
 
 
 def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None = None,
-                oom_ok: bool = False, recompute: str = "edge") -> dict | None:
+                oom_ok: bool = False, recompute: str = "edge", method: str = "darts") -> dict | None:
     """One measurement in a fresh process; None if it ran out of memory and
     ``oom_ok`` (the batch does not fit)."""
     cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--order", order, "--ops", ops,
-           "--batch-size", str(batch_size or args.batch_size), "--recompute", recompute]
+           "--batch-size", str(batch_size or args.batch_size), "--recompute", recompute, "--method", method]
     for flag in ("device", "channels", "layers", "image_size", "warmup", "repeat", "warmup_batch"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if not args.op_count:
@@ -193,26 +245,28 @@ def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None
         if oom_ok and "out of memory" in proc.stderr.lower():
             return None
         print(proc.stderr, file=sys.stderr)
-        raise SystemExit(f"{backend}/{recompute}/{order}/{ops} ops failed (exit {proc.returncode})")
+        raise SystemExit(f"{method}/{backend}/{recompute}/{order}/{ops} ops failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def find_max_batch(args, backend: str, order: str, recompute: str = "edge") -> dict:
+def find_max_batch(args, backend: str, order: str, recompute: str = "edge", method: str = "darts") -> dict:
     """The largest batch (to within 1/8) whose full search step fits: double
     from --batch-size until a step runs out of memory, then bisect."""
     fits, best, too_big = 0, None, None
     batch = args.batch_size
     while too_big is None:
-        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute)
+        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute,
+                             method=method)
         if result is None:
             too_big = batch
         else:
             fits, best, batch = batch, result, batch * 2
         if fits == 0 and too_big is not None:
-            raise SystemExit(f"{backend}/{order}: even batch {batch} does not fit; lower --batch-size")
+            raise SystemExit(f"{method}/{backend}/{order}: even batch {batch} does not fit; lower --batch-size")
     while too_big - fits > max(1, fits // 8):
         batch = (fits + too_big) // 2
-        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute)
+        result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute,
+                             method=method)
         if result is None:
             too_big = batch
         else:
@@ -220,37 +274,62 @@ def find_max_batch(args, backend: str, order: str, recompute: str = "edge") -> d
     return dict(best, max_batch_size=fits)
 
 
+def _method(r: dict) -> str:
+    return r.get("method", "darts")  # absent from JSON written before the methods
+
+
 def _ratio(results: list[dict], r: dict, baseline: str, key: str) -> str:
-    """r's ``key`` over the ``baseline`` backend's (recompute "edge") of the same order and ops."""
+    """r's ``key`` over the ``baseline`` backend's (recompute "edge") of the same method, order and ops."""
     base = next((x for x in results if x["order"] == r["order"] and x["num_ops"] == r["num_ops"]
-                 and x["backend"] == baseline and x.get("recompute", "edge") == "edge"), None)
+                 and _method(x) == _method(r) and x["backend"] == baseline
+                 and x.get("recompute", "edge") == "edge"), None)
     return f"{r[key] / base[key]:.3f}" if base else "-"
 
 
-def print_table(results: list[dict]) -> None:
-    print(f"{'order':<7} {'backend':<11} {'recomp':<6} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} {'aten ops':>8} "
-          f"{'mem/ref':>8} {'mem/ckpt':>9} {'time/ref':>9} {'time/ckpt':>10}")
+def _ratio_to_darts(results: list[dict], r: dict, key: str) -> str:
+    """r's ``key`` over DARTS' on the same backend, recompute mode, order and ops."""
+    base = next((x for x in results if x["order"] == r["order"] and x["num_ops"] == r["num_ops"]
+                 and _method(x) == "darts" and x["backend"] == r["backend"]
+                 and x.get("recompute", "edge") == r.get("recompute", "edge")), None)
+    return f"{r[key] / base[key]:.3f}" if base else "-"
+
+
+def print_table(results: list[dict], skipped: list[dict] = ()) -> None:
+    methods = len({_method(r) for r in results}) > 1 or any(_method(r) != "darts" for r in results)
+    print(f"{'method':<10} " * methods
+          + f"{'order':<7} {'backend':<11} {'recomp':<6} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} {'aten ops':>8} "
+          f"{'mem/ref':>8} {'mem/ckpt':>9} {'time/ref':>9} {'time/ckpt':>10}"
+          + f" {'mem/darts':>9} {'time/darts':>10}" * methods + f" {'load':>5}")
     for r in results:
         aten_ops = r.get("aten_ops_per_step")  # absent from older JSON, None with --no-op-count
-        print(f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} {r['num_ops']:>3} "
+        print(f"{_method(r):<10} " * methods
+              + f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} {r['num_ops']:>3} "
               f"{r['peak_memory_bytes'] / 2**20:>9.1f} "
               f"{r['step_seconds']:>8.3f} {r['images_per_second']:>7.1f} "
               f"{'-' if aten_ops is None else aten_ops:>8} "
               f"{_ratio(results, r, 'reference', 'peak_memory_bytes'):>8} "
               f"{_ratio(results, r, 'checkpoint', 'peak_memory_bytes'):>9} "
               f"{_ratio(results, r, 'reference', 'step_seconds'):>9} "
-              f"{_ratio(results, r, 'checkpoint', 'step_seconds'):>10}")
+              f"{_ratio(results, r, 'checkpoint', 'step_seconds'):>10}"
+              + (f" {_ratio_to_darts(results, r, 'peak_memory_bytes'):>9} "
+                 f"{_ratio_to_darts(results, r, 'step_seconds'):>10}" if methods else "")
+              + (f" {r['load_average']:>5.2f}" if r.get("load_average") is not None else f" {'-':>5}"))
+    for s in skipped:
+        print(f"skipped: {s['method']} / {s['backend']} / {s['order']} order: {s['reason']}")
 
 
 def print_growth(results: list[dict]) -> None:
     """Peak-memory growth from the fewest to the most ops, per backend."""
-    for order in dict.fromkeys(r["order"] for r in results):
+    for method, order in dict.fromkeys((_method(r), r["order"]) for r in results):
         growth = {}
         for backend in dict.fromkeys(r["backend"] for r in results):
-            rows = sorted((r for r in results if r["order"] == order and r["backend"] == backend),
-                          key=lambda r: r["num_ops"])
+            rows = sorted((r for r in results if _method(r) == method and r["order"] == order
+                           and r["backend"] == backend), key=lambda r: r["num_ops"])
+            if not rows:
+                continue
             growth[backend] = rows[-1]["peak_memory_bytes"] - rows[0]["peak_memory_bytes"]
-            print(f"{order} {backend}: {rows[0]['num_ops']} -> {rows[-1]['num_ops']} ops, peak grows by "
+            name = f"{method} {order}" if method != "darts" else order
+            print(f"{name} {backend}: {rows[0]['num_ops']} -> {rows[-1]['num_ops']} ops, peak grows by "
                   f"{growth[backend] / 2**20:.1f} MiB", end="")
             ref = growth.get("reference")
             print(f" ({growth[backend] / ref:.3f} of the reference's growth)" if ref else "")
@@ -261,12 +340,15 @@ def plot_sweep(results: list[dict], path: str, title: str) -> None:
 
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.add_subplot()
-    for order in dict.fromkeys(r["order"] for r in results):
+    for method, order in dict.fromkeys((_method(r), r["order"]) for r in results):
         for backend in dict.fromkeys(r["backend"] for r in results):
-            rows = sorted((r for r in results if r["order"] == order and r["backend"] == backend),
-                          key=lambda r: r["num_ops"])
+            rows = sorted((r for r in results if _method(r) == method and r["order"] == order
+                           and r["backend"] == backend), key=lambda r: r["num_ops"])
+            if not rows:
+                continue
+            label = f"{backend} ({order} order)" if method == "darts" else f"{method} {backend} ({order} order)"
             ax.plot([r["num_ops"] for r in rows], [r["peak_memory_bytes"] / 2**20 for r in rows],
-                    marker="o", label=f"{backend} ({order} order)")
+                    marker="o", label=label)
     ax.set_xlabel("candidate ops |O| (first N of the extended list)")
     ax.set_ylabel("peak memory of one search step (MiB)")
     ax.set_title(title, fontsize=8)
@@ -280,6 +362,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends")
+    p.add_argument("--methods", default="darts",
+                   help=f"comma-separated search methods ({', '.join(METHODS)}), each measured with every backend "
+                        "that it runs on")
     p.add_argument("--recompute", default="edge",
                    help="comma-separated recompute modes (edge, cell), each measured with every backend")
     p.add_argument("--ops", default="8", help="a count 4..10 (first N of the extended list) or an op-set/op names")
@@ -301,9 +386,14 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="with --sweep-ops: write the memory plot (PNG) here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="darts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ops.isdigit() and not 4 <= int(args.ops) <= 10:
         p.error(f"--ops count must be between 4 and 10, got {args.ops}")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods + [args.method] if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method {', '.join(unknown)}; known: {', '.join(METHODS)}")
 
     if args.worker:
         print(json.dumps(worker(args)))
@@ -313,28 +403,38 @@ def main(argv=None) -> int:
 
     orders = ("first", "second") if args.order == "both" else (args.order,)
     op_counts = [str(n) for n in range(4, 11)] if args.sweep_ops else [args.ops]
+    modes = args.recompute.split(",")
+    runs, skipped = [], []  # in the table's order: method, order, ops, recompute, backend
+    for method in methods:
+        for order in orders:
+            for backend in args.backends.split(","):
+                reason = skip_reason(method, backend, order)
+                if reason is not None:
+                    skipped.append(dict(method=method, backend=backend, order=order, reason=reason))
+            for ops in op_counts:
+                for mode in modes:
+                    runs += [(method, order, ops, mode, backend) for backend in args.backends.split(",")
+                             if skip_reason(method, backend, order) is None]
     if args.find_max_batch:
-        results = [find_max_batch(args, backend, order, mode) for order in orders
-                   for mode in args.recompute.split(",") for backend in args.backends.split(",")]
+        results = [find_max_batch(args, backend, order, mode, method) for method, order, _, mode, backend in runs]
     else:
-        results = [_run_worker(args, backend, order, ops, recompute=mode)
-                   for order in orders for ops in op_counts for mode in args.recompute.split(",")
-                   for backend in args.backends.split(",")]
+        results = [_run_worker(args, backend, order, ops, recompute=mode, method=method)
+                   for method, order, ops, mode, backend in runs]
 
     config = dict(channels=args.channels, layers=args.layers, batch_size=args.batch_size,
                   image_size=args.image_size, ops=",".join(op_counts), warmup=args.warmup, repeat=args.repeat,
-                  warmup_batch=args.warmup_batch, aten_ops_counted_on="cpu")
+                  warmup_batch=args.warmup_batch, aten_ops_counted_on="cpu", methods=methods)
     from fastdarts.kernels.backend import kernel_backend
 
     kernels = kernel_backend(torch.device(args.device))
     report = dict(device=device_name(args.device), torch=torch.__version__, kernels=kernels, config=config,
-                  results=results)
+                  results=results, skipped=skipped)
     print(f"device: {report['device']}, torch {report['torch']}, fused kernels: {kernels}")
     print(f"config: {config}")
-    print_table(results)
+    print_table(results, skipped)
     if args.find_max_batch:
         for r in results:
-            print(f"{r['order']} {r['backend']}: largest batch that fits {r['max_batch_size']}, "
+            print(f"{r['method']} {r['order']} {r['backend']}: largest batch that fits {r['max_batch_size']}, "
                   f"{r['images_per_second']:.1f} images/s there")
     if args.sweep_ops:
         print_growth(results)

@@ -117,6 +117,9 @@ class SearchConfig:
         check_backend(self.backend)
         check_recompute(self.recompute)
         ops = resolve_ops(self.ops)
+        if all(op == "none" for op in ops):
+            # Refused now, not after an epoch when the first derivation fails.
+            raise FastDartsError("the op list has only 'none'; a cell needs at least one other op")
         check_partial_channels(self.partial_channels, self.channels)
         check_sample_paths(self.sample_paths, len(ops))
         if self.sample_paths and self.order == "second":

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from fastdarts.cli import search_main
 from fastdarts.errors import FastDartsError
@@ -123,3 +122,9 @@ def test_bad_criterion_is_one_line_before_any_data(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown early-stop criterion 'often:3'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_an_op_list_of_only_none_is_refused_before_any_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert search_main(["--ops", "none", "--out", str(out)]) == 2
+    assert "only 'none'" in capsys.readouterr().err and not out.exists()
