@@ -230,48 +230,36 @@ def select_edges(weights: Sequence[Sequence[float]], op_names: Sequence[str], st
     return tuple(gene)
 
 
-def _weights(alpha: Any, field: str, expected: tuple[int, int], steps: int) -> list[list[float]]:
-    """softmax(α) as nested floats, in α's precision (at least float32) like the original code."""
-    if isinstance(alpha, torch.Tensor):
-        t = alpha.detach().cpu()
-    elif isinstance(alpha, np.ndarray) and alpha.dtype.kind in "fiu":
-        t = torch.from_numpy(np.ascontiguousarray(alpha))
+def _checked_tensor(value: Any, field: str, expected: tuple[int, ...], meaning: str) -> torch.Tensor:
+    """``value`` (a tensor or numeric array) as a finite CPU tensor of ``expected``
+    shape, in its own precision (at least float32) like the original code."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+    elif isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
+        t = torch.from_numpy(np.ascontiguousarray(value))
     else:
-        raise FastDartsError(f"{field} must be a numeric torch tensor or numpy array, got {type(alpha).__name__}")
+        raise FastDartsError(f"{field} must be a numeric torch tensor or numpy array, got {type(value).__name__}")
     if tuple(t.shape) != expected:
-        raise FastDartsError(
-            f"{field} has shape {tuple(t.shape)}, expected {expected} "
-            f"({expected[0]} edges for steps={steps}, {expected[1]} ops)")
+        raise FastDartsError(f"{field} has shape {tuple(t.shape)}, expected {expected} ({meaning})")
     if t.dtype != torch.float64:
         t = t.float()
     if not torch.isfinite(t).all():
         raise FastDartsError(f"{field} contains NaN or inf; the search diverged")
-    return torch.softmax(t, dim=-1).tolist()
+    return t
 
 
-def _edge_weights(beta: Any, field: str, steps: int) -> list[float]:
+def _weights(alpha: Any, field: str, expected: tuple[int, int], steps: int) -> torch.Tensor:
+    """softmax(α) per edge, in α's precision."""
+    t = _checked_tensor(alpha, field, expected, f"{expected[0]} edges for steps={steps}, {expected[1]} ops")
+    return torch.softmax(t, dim=-1)
+
+
+def _edge_weights(beta: Any, field: str, steps: int) -> torch.Tensor:
     """softmax(β) over each node's incoming edges (PC-DARTS' edge normalisation)."""
     from .methods.edge_norm import edge_weights
 
-    if isinstance(beta, torch.Tensor):
-        t = beta.detach().cpu()
-    elif isinstance(beta, np.ndarray) and beta.dtype.kind in "fiu":
-        t = torch.from_numpy(np.ascontiguousarray(beta))
-    else:
-        raise FastDartsError(f"{field} must be a numeric torch tensor or numpy array, got {type(beta).__name__}")
-    if tuple(t.shape) != (num_edges(steps),):
-        raise FastDartsError(f"{field} has shape {tuple(t.shape)}, expected ({num_edges(steps)},) "
-                             f"(one weight per edge for steps={steps})")
-    if t.dtype != torch.float64:
-        t = t.float()
-    if not torch.isfinite(t).all():
-        raise FastDartsError(f"{field} contains NaN or inf; the search diverged")
-    return edge_weights(t, steps).tolist()
-
-
-def _is_double(t: Any) -> bool:
-    return (isinstance(t, torch.Tensor) and t.dtype == torch.float64) or \
-        (isinstance(t, np.ndarray) and t.dtype == np.float64)
+    t = _checked_tensor(beta, field, (num_edges(steps),), f"one weight per edge for steps={steps}")
+    return edge_weights(t, steps)
 
 
 def derive_genotype(alpha_normal: torch.Tensor | np.ndarray, alpha_reduce: torch.Tensor | np.ndarray,
@@ -295,8 +283,6 @@ def derive_genotype(alpha_normal: torch.Tensor | np.ndarray, alpha_reduce: torch
         weights = _weights(alpha, f"alpha_{cell}", expected, steps)
         if beta is not None:
             # Multiplied in α's precision, as the original's float32 numpy arrays (its ties are ours).
-            w = torch.tensor(weights, dtype=torch.float64 if _is_double(alpha) else torch.float32)
-            scales = torch.tensor(_edge_weights(beta, f"beta_{cell}", steps), dtype=w.dtype)
-            weights = (w * scales[:, None]).tolist()
-        cells.append(select_edges(weights, op_names, steps))
+            weights = weights * _edge_weights(beta, f"beta_{cell}", steps).to(weights.dtype)[:, None]
+        cells.append(select_edges(weights.tolist(), op_names, steps))
     return Genotype(normal=cells[0], normal_concat=concat, reduce=cells[1], reduce_concat=concat)
