@@ -46,6 +46,15 @@ order and recompute mode) appear when more than one method is measured.
     # the search methods (first order: the order of PC-DARTS and ProxylessNAS)
     python benchmarks/search_step.py --device cpu --order first --layers 5 --batch-size 32 \
         --methods darts,pc-darts,proxyless
+    # memory against depth (P-DARTS' 5, 11, 17 cells and the evaluation network's 20, all 8 ops),
+    # and the largest depth each backend fits in a budget (a straight line through the points)
+    python benchmarks/search_step.py --cells 5,11,17,20 --budget-gib 16 --order first --batch-size 32
+
+``--cells`` runs each depth as its own measurement (JSON field ``layers``
+per row; ratios compare rows of the same depth); ``--budget-gib`` then fits
+peak = a + b·cells per backend by least squares over the measured depths and
+reports the deepest supernet whose fitted peak stays within the budget
+(JSON ``depth_budget``): an extrapolation, labelled as such.
 """
 from __future__ import annotations
 
@@ -202,7 +211,7 @@ def worker(args) -> dict:
     step = statistics.median(times)
     aten_ops = aten_ops_per_step(args, model, sgd, architect, batches) if args.op_count else None
     return dict(method=args.method, backend=args.backend, recompute=args.recompute, order=args.order, num_ops=len(ops),
-                batch_size=args.batch_size,
+                batch_size=args.batch_size, layers=args.layers,
                 peak_memory_bytes=peak,
                 step_seconds=step, images_per_second=args.batch_size / step, aten_ops_per_step=aten_ops,
                 # Other processes on the machine skew the times (and the fused kernels' OpenMP threads most).
@@ -231,12 +240,14 @@ def device_name(device: str) -> str:
 
 
 def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None = None,
-                oom_ok: bool = False, recompute: str = "edge", method: str = "darts") -> dict | None:
+                oom_ok: bool = False, recompute: str = "edge", method: str = "darts",
+                layers: int | None = None) -> dict | None:
     """One measurement in a fresh process; None if it ran out of memory and
     ``oom_ok`` (the batch does not fit)."""
     cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--order", order, "--ops", ops,
-           "--batch-size", str(batch_size or args.batch_size), "--recompute", recompute, "--method", method]
-    for flag in ("device", "channels", "layers", "image_size", "warmup", "repeat", "warmup_batch"):
+           "--batch-size", str(batch_size or args.batch_size), "--recompute", recompute, "--method", method,
+           "--layers", str(layers or args.layers)]
+    for flag in ("device", "channels", "image_size", "warmup", "repeat", "warmup_batch"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if not args.op_count:
         cmd.append("--no-op-count")
@@ -278,17 +289,22 @@ def _method(r: dict) -> str:
     return r.get("method", "darts")  # absent from JSON written before the methods
 
 
+def _same_setting(x: dict, r: dict) -> bool:
+    """Same order, op count and depth (rows written before ``layers`` was recorded share one)."""
+    return x["order"] == r["order"] and x["num_ops"] == r["num_ops"] and x.get("layers") == r.get("layers")
+
+
 def _ratio(results: list[dict], r: dict, baseline: str, key: str) -> str:
-    """r's ``key`` over the ``baseline`` backend's (recompute "edge") of the same method, order and ops."""
-    base = next((x for x in results if x["order"] == r["order"] and x["num_ops"] == r["num_ops"]
+    """r's ``key`` over the ``baseline`` backend's (recompute "edge") of the same method, order, ops and depth."""
+    base = next((x for x in results if _same_setting(x, r)
                  and _method(x) == _method(r) and x["backend"] == baseline
                  and x.get("recompute", "edge") == "edge"), None)
     return f"{r[key] / base[key]:.3f}" if base else "-"
 
 
 def _ratio_to_darts(results: list[dict], r: dict, key: str) -> str:
-    """r's ``key`` over DARTS' on the same backend, recompute mode, order and ops."""
-    base = next((x for x in results if x["order"] == r["order"] and x["num_ops"] == r["num_ops"]
+    """r's ``key`` over DARTS' on the same backend, recompute mode, order, ops and depth."""
+    base = next((x for x in results if _same_setting(x, r)
                  and _method(x) == "darts" and x["backend"] == r["backend"]
                  and x.get("recompute", "edge") == r.get("recompute", "edge")), None)
     return f"{r[key] / base[key]:.3f}" if base else "-"
@@ -297,13 +313,14 @@ def _ratio_to_darts(results: list[dict], r: dict, key: str) -> str:
 def print_table(results: list[dict], skipped: list[dict] = ()) -> None:
     methods = len({_method(r) for r in results}) > 1 or any(_method(r) != "darts" for r in results)
     print(f"{'method':<10} " * methods
-          + f"{'order':<7} {'backend':<11} {'recomp':<6} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} {'aten ops':>8} "
+          + f"{'order':<7} {'backend':<11} {'recomp':<6} {'cells':>5} {'ops':>3} {'peak MiB':>9} {'step s':>8} {'img/s':>7} {'aten ops':>8} "
           f"{'mem/ref':>8} {'mem/ckpt':>9} {'time/ref':>9} {'time/ckpt':>10}"
           + f" {'mem/darts':>9} {'time/darts':>10}" * methods + f" {'load':>5}")
     for r in results:
         aten_ops = r.get("aten_ops_per_step")  # absent from older JSON, None with --no-op-count
         print(f"{_method(r):<10} " * methods
-              + f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} {r['num_ops']:>3} "
+              + f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} {r.get('layers', '-'):>5} "
+              f"{r['num_ops']:>3} "
               f"{r['peak_memory_bytes'] / 2**20:>9.1f} "
               f"{r['step_seconds']:>8.3f} {r['images_per_second']:>7.1f} "
               f"{'-' if aten_ops is None else aten_ops:>8} "
@@ -333,6 +350,27 @@ def print_growth(results: list[dict]) -> None:
                   f"{growth[backend] / 2**20:.1f} MiB", end="")
             ref = growth.get("reference")
             print(f" ({growth[backend] / ref:.3f} of the reference's growth)" if ref else "")
+
+
+def depth_budget(results: list[dict], budget_bytes: float) -> list[dict]:
+    """Per method, order and backend: peak = a + b·cells fitted by least squares
+    over the measured depths, and the deepest supernet whose fitted peak is
+    within ``budget_bytes`` (an extrapolation beyond the measured depths)."""
+    out = []
+    for key in dict.fromkeys((_method(r), r["order"], r["backend"], r.get("recompute", "edge")) for r in results):
+        rows = [r for r in results if (_method(r), r["order"], r["backend"], r.get("recompute", "edge")) == key]
+        xs = [r["layers"] for r in rows]
+        ys = [r["peak_memory_bytes"] for r in rows]
+        if len(set(xs)) < 2:
+            continue
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        intercept = my - slope * mx
+        deepest = int((budget_bytes - intercept) // slope) if slope > 0 else None
+        out.append(dict(method=key[0], order=key[1], backend=key[2], recompute=key[3],
+                        bytes_per_cell=slope, intercept_bytes=intercept, budget_bytes=budget_bytes,
+                        deepest_within_budget=deepest, measured_cells=xs))
+    return out
 
 
 def plot_sweep(results: list[dict], path: str, title: str) -> None:
@@ -373,6 +411,8 @@ def main(argv=None) -> int:
                    help="(GPU) the largest batch each backend fits, starting from --batch-size")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--cells", help="comma-separated depths, each measured (replaces --layers), e.g. 5,11,17,20")
+    p.add_argument("--budget-gib", type=float, help="with --cells: the deepest supernet each backend fits in this")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--order", default="second", help="first, second, or both")
@@ -404,6 +444,11 @@ def main(argv=None) -> int:
     orders = ("first", "second") if args.order == "both" else (args.order,)
     op_counts = [str(n) for n in range(4, 11)] if args.sweep_ops else [args.ops]
     modes = args.recompute.split(",")
+    depths = [int(c) for c in args.cells.split(",")] if args.cells else [args.layers]
+    if args.cells and args.find_max_batch:
+        p.error("--cells does not combine with --find-max-batch (which searches the batch at --layers)")
+    if args.budget_gib is not None and len(depths) < 2:
+        p.error("--budget-gib needs --cells with at least two depths")
     runs, skipped = [], []  # in the table's order: method, order, ops, recompute, backend
     for method in methods:
         for order in orders:
@@ -411,17 +456,18 @@ def main(argv=None) -> int:
                 reason = skip_reason(method, backend, order)
                 if reason is not None:
                     skipped.append(dict(method=method, backend=backend, order=order, reason=reason))
-            for ops in op_counts:
-                for mode in modes:
-                    runs += [(method, order, ops, mode, backend) for backend in args.backends.split(",")
-                             if skip_reason(method, backend, order) is None]
+            for cells in depths:
+                for ops in op_counts:
+                    for mode in modes:
+                        runs += [(method, order, ops, mode, backend, cells) for backend in args.backends.split(",")
+                                 if skip_reason(method, backend, order) is None]
     if args.find_max_batch:
-        results = [find_max_batch(args, backend, order, mode, method) for method, order, _, mode, backend in runs]
+        results = [find_max_batch(args, backend, order, mode, method) for method, order, _, mode, backend, _ in runs]
     else:
-        results = [_run_worker(args, backend, order, ops, recompute=mode, method=method)
-                   for method, order, ops, mode, backend in runs]
+        results = [_run_worker(args, backend, order, ops, recompute=mode, method=method, layers=cells)
+                   for method, order, ops, mode, backend, cells in runs]
 
-    config = dict(channels=args.channels, layers=args.layers, batch_size=args.batch_size,
+    config = dict(channels=args.channels, layers=",".join(map(str, depths)), batch_size=args.batch_size,
                   image_size=args.image_size, ops=",".join(op_counts), warmup=args.warmup, repeat=args.repeat,
                   warmup_batch=args.warmup_batch, aten_ops_counted_on="cpu", methods=methods)
     from fastdarts.kernels.backend import kernel_backend
@@ -436,6 +482,12 @@ def main(argv=None) -> int:
         for r in results:
             print(f"{r['method']} {r['order']} {r['backend']}: largest batch that fits {r['max_batch_size']}, "
                   f"{r['images_per_second']:.1f} images/s there")
+    if args.budget_gib is not None:
+        report["depth_budget"] = depth_budget(results, args.budget_gib * 2**30)
+        for d in report["depth_budget"]:
+            print(f"{d['method']} {d['order']} {d['backend']}: {d['bytes_per_cell'] / 2**20:.1f} MiB per cell "
+                  f"(fit over {d['measured_cells']} cells); deepest within {args.budget_gib:g} GiB: "
+                  f"{d['deepest_within_budget']} cells (extrapolated)")
     if args.sweep_ops:
         print_growth(results)
         if args.plot:

@@ -62,9 +62,10 @@ def search_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
     p = _Parser(
         prog="fastdarts-search",
-        description="Differentiable architecture search: DARTS (Liu et al., 2019), PC-DARTS (Xu et al., 2020) or "
-                    "ProxylessNAS-style path sampling (Cai et al., 2019). Defaults are each method's published "
-                    "CIFAR-10 search; a flag given explicitly wins over the method's value.",
+        description="Differentiable architecture search: DARTS (Liu et al., 2019), PC-DARTS (Xu et al., 2020), "
+                    "ProxylessNAS-style path sampling (Cai et al., 2019) or P-DARTS' progressive search (Chen et "
+                    "al., 2019). Defaults are each method's published CIFAR-10 search; a flag given explicitly wins "
+                    "over the method's value.",
         formatter_class=_Help)
     p.add_argument("--method", default=d.method, choices=list(METHOD_PRESETS),
                    help="search method; sets the flags marked 'the method's'")
@@ -100,9 +101,20 @@ def search_parser() -> argparse.ArgumentParser:
                         help="DARTS+: skip:M stops after the first epoch whose normal cell holds M skip connections; "
                              "stable:E once the parametric ops' ranking on every edge held for E epochs. May be "
                              "given twice or as skip:2,stable:10; the stopping epoch's genotype is the result")
+    method.add_argument("--stages", default=None, metavar="CELLS:OPS,...",
+                        help="P-DARTS: stages of a progressive search, each a new supernet of CELLS cells whose "
+                             "edges hold OPS ops (the first stage all; between stages every edge keeps its strongest); "
+                             "--epochs is per stage. 20:8 grows the depth without pruning " + _by_method("stages"))
+    method.add_argument("--skip-dropout", default=None, metavar="P,...",
+                        help="P-DARTS: initial dropout rate after skip_connect in each stage, decayed within the "
+                             "stage " + _by_method("skip_dropout"))
+    method.add_argument("--max-skip", type=_non_negative_int, default=None, metavar="M",
+                        help="P-DARTS: the final normal cell keeps at most M skip connections "
+                             + _by_method("max_skip"))
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=_positive_int, default=None, help=_by_method("batch_size"))
-    opt.add_argument("--epochs", type=_positive_int, default=None, help=_by_method("epochs"))
+    opt.add_argument("--epochs", "--stage-epochs", type=_positive_int, default=None,
+                     help="epochs of the search (with --stages: of each stage) " + _by_method("epochs"))
     opt.add_argument("--order", choices=["first", "second"], default=None,
                      help="first- or second-order architecture gradient " + _by_method("order"))
     opt.add_argument("--lr", type=float, default=None,
@@ -130,18 +142,20 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None) -> tuple[int, Any]:
+def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None,
+         kept: str = "finished epochs are in {}/checkpoint.pt") -> tuple[int, Any]:
     """(exit status, result) of a command's work: a FastDartsError or OSError
     (an unwritable --out, a full disk) is one line and status 2; Ctrl-C is
-    status 130, with the resume hint when the run keeps checkpoints."""
+    status 130, with the resume hint when the run keeps checkpoints (``kept``:
+    what it keeps where, ``{}`` standing for ``resume_from``)."""
     try:
         return 0, action()
     except (FastDartsError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt:
-        hint = (f"; continue with the same command plus --resume (finished epochs are in "
-                f"{resume_from}/checkpoint.pt)" if resume_from else "")
+        hint = (f"; continue with the same command plus --resume ({kept.format(resume_from)})"
+                if resume_from else "")
         print(f"\n{prog}: interrupted{hint}", file=sys.stderr)
         return 130, None
 
@@ -285,15 +299,20 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 
 # The offline demo of the whole method: small enough for a few minutes on one CPU core.
-PIPELINE_SEARCH = dict(dataset="digits", layout="N,R,N", layers=None, channels=8, ops="darts", batch_size=64)
+# The README's main job: settings under which α measurably moves on digits within a couple of
+# minutes (first order, architecture lr 0.03, no warm-up; CIFAR-10 keeps each method's own).
+PIPELINE_SEARCH = dict(dataset="digits", layout="N,R,N", layers=None, channels=8, ops="darts", batch_size=64,
+                       order="first", arch_lr=0.03, arch_warmup_epochs=0)
+# P-DARTS' stages on digits: 8x8 images allow 3 cells (N,R,R); the search epochs are split over the stages.
+PIPELINE_STAGES = "3:8,3:5,3:3"
 PIPELINE_TRAIN = dict(dataset="digits", layers=8, channels=16)
 
 
 def pipeline_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="fastdarts-pipeline",
-        description="The whole method offline on the digits data set: search a cell (layout N,R,N, C=8, batch 64; "
-                    "no architecture warm-up), "
+        description="The whole method offline on the digits data set: search a cell (layout N,R,N, C=8, batch 64, "
+                    "first order, architecture lr 0.03, no architecture warm-up; p-darts: stages 3:8,3:5,3:3), "
                     "train the derived network from scratch (8 cells, C=16, otherwise the paper's recipe) and "
                     "evaluate it on the test set. For CIFAR-10 run fastdarts-search, fastdarts-train and "
                     "fastdarts-eval (see the README).",
@@ -301,9 +320,8 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pipeline", help="output directory (search/ and train/ inside)")
     p.add_argument("--method", default="darts", choices=list(METHOD_PRESETS),
                    help="search method (its preset, with this demo's data, network size and batch)")
-    p.add_argument("--search-epochs", type=_positive_int, default=4)
-    p.add_argument("--order", choices=["first", "second"], default=None,
-                   help="architecture gradient (default: the method's)")
+    p.add_argument("--search-epochs", type=_positive_int, default=6, help="(p-darts: split over its 3 stages)")
+    p.add_argument("--order", choices=["first", "second"], default="first", help="architecture gradient")
     p.add_argument("--train-epochs", type=_positive_int, default=10)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=2)
@@ -325,9 +343,14 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     def run_all():
         if out.exists() and any(out.iterdir()):
             raise FastDartsError(f"--out {out} is not empty; choose another directory")
-        config = SearchConfig(**PIPELINE_SEARCH, method=args.method, epochs=args.search_epochs, order=args.order,
-                              arch_warmup_epochs=0, out=str(out / "search"), **common).checked()
-        print(f"== 1/3 search ({args.method}, {args.search_epochs} epochs, {config.order} order) -> {out / 'search'}")
+        settings = dict(PIPELINE_SEARCH, method=args.method, epochs=args.search_epochs, order=args.order)
+        if args.method == "p-darts":
+            stages = PIPELINE_STAGES.count(",") + 1
+            settings.update(layout=None, stages=PIPELINE_STAGES, epochs=max(1, args.search_epochs // stages))
+        config = SearchConfig(**settings, out=str(out / "search"), **common).checked()
+        epochs = (f"{config.epochs} epochs in each of the stages {config.stages}" if config.stages else
+                  f"{config.epochs} epochs")
+        print(f"== 1/3 search ({args.method}, {epochs}, {config.order} order) -> {out / 'search'}")
         searched = search(config)
         print(f"== 2/3 train the derived network from scratch ({args.train_epochs} epochs) -> {out / 'train'}")
         trained = train(TrainConfig(**PIPELINE_TRAIN, genotype=str(searched.out / "genotype.json"),

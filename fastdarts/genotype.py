@@ -206,26 +206,32 @@ def num_edges(steps: int) -> int:
     return sum(2 + i for i in range(steps))
 
 
-def select_edges(weights: Sequence[Sequence[float]], op_names: Sequence[str], steps: int) -> tuple[Edge, ...]:
+def select_edges(weights: Sequence[Sequence[float]], op_names: Sequence[str] | Sequence[Sequence[str]],
+                 steps: int) -> tuple[Edge, ...]:
     """The kept edges of one cell from its op weights (softmax(α)), as the
     original DARTS ``Network.genotype()._parse``: per node the 2 edges whose
     strongest non-`none` weight is largest (stable: ties keep the earlier
     edge), strongest first, each with its strongest non-`none` op (ties: the
-    earlier op). `none` only rescales a node, so it never decides."""
-    counted = [k for k, name in enumerate(op_names) if name != "none"]
-    if not counted:
-        raise FastDartsError("the op list has only 'none'; a cell needs at least one other op")
+    earlier op). `none` only rescales a node, so it never decides.
+    ``op_names``: the op of each column, or one such list per edge (P-DARTS'
+    stages, where edges hold different ops)."""
+    per_edge = [op_names] * len(weights) if op_names and isinstance(op_names[0], str) else list(op_names)
     gene: list[Edge] = []
     start = 0
     for node in range(steps):
         rows = weights[start: start + 2 + node]
-        strength = [max(row[k] for k in counted) for row in rows]
+        names = per_edge[start: start + 2 + node]
+        counted = [[k for k, name in enumerate(ops) if name != "none"] for ops in names]
+        if not all(counted):
+            raise FastDartsError("the op list has only 'none'; a cell needs at least one other op")
+        strength = [max(row[k] for k in ks) for row, ks in zip(rows, counted)]
         for source in sorted(range(2 + node), key=lambda i: -strength[i])[:2]:
-            best = counted[0]
-            for k in counted:
+            ks = counted[source]
+            best = ks[0]
+            for k in ks:
                 if rows[source][k] > rows[source][best]:
                     best = k
-            gene.append((op_names[best], source))
+            gene.append((names[source][best], source))
         start += 2 + node
     return tuple(gene)
 
@@ -265,10 +271,17 @@ def _edge_weights(beta: Any, field: str, steps: int) -> torch.Tensor:
 def derive_genotype(alpha_normal: torch.Tensor | np.ndarray, alpha_reduce: torch.Tensor | np.ndarray,
                     op_names: Sequence[str], steps: int = 4, multiplier: int = 4,
                     beta_normal: torch.Tensor | np.ndarray | None = None,
-                    beta_reduce: torch.Tensor | np.ndarray | None = None) -> Genotype:
+                    beta_reduce: torch.Tensor | np.ndarray | None = None,
+                    edge_ops: dict[str, Sequence[Sequence[str]]] | None = None,
+                    max_skip: int | None = None) -> Genotype:
     """The discrete cells the architecture weights α point to (SPEC §3). With
     PC-DARTS' β (both or neither), op o on edge (i, j) is ranked by
-    softmax(α_ij)_o · softmax(β_{·j})_i, as its original code."""
+    softmax(α_ij)_o · softmax(β_{·j})_i, as its original code. ``edge_ops``
+    (P-DARTS' stages): the ops each edge holds, α's columns in their order.
+    ``max_skip``: the normal cell keeps at most that many skip connections
+    (P-DARTS' procedure, ``methods.progressive.limit_skip_connects``)."""
+    from .methods.progressive import check_edge_ops, limit_skip_connects
+
     op_names = resolve_ops(op_names)
     if not _is_int(steps) or steps < 1:
         raise FastDartsError(f"steps must be a positive integer, got {steps!r}")
@@ -276,13 +289,43 @@ def derive_genotype(alpha_normal: torch.Tensor | np.ndarray, alpha_reduce: torch
         raise FastDartsError(f"multiplier must be in 1..steps={steps}, got {multiplier!r}")
     if (beta_normal is None) != (beta_reduce is None):
         raise FastDartsError("give both beta_normal and beta_reduce, or neither")
-    expected = (num_edges(steps), len(op_names))
+    if max_skip is not None and (not _is_int(max_skip) or max_skip < 0):
+        raise FastDartsError(f"max-skip must be a non-negative integer, got {max_skip!r}")
+    edge_ops = check_edge_ops(edge_ops, op_names, num_edges(steps))
     concat = tuple(range(2 + steps - multiplier, steps + 2))
     cells = []
     for cell, alpha, beta in (("normal", alpha_normal, beta_normal), ("reduce", alpha_reduce, beta_reduce)):
+        expected = (num_edges(steps), len(edge_ops[cell][0]))
         weights = _weights(alpha, f"alpha_{cell}", expected, steps)
         if beta is not None:
             # Multiplied in α's precision, as the original's float32 numpy arrays (its ties are ours).
             weights = weights * _edge_weights(beta, f"beta_{cell}", steps).to(weights.dtype)[:, None]
-        cells.append(select_edges(weights.tolist(), op_names, steps))
+        if cell == "normal" and max_skip is not None:
+            cells.append(limit_skip_connects(weights.tolist(), edge_ops[cell], steps, max_skip))
+        else:
+            cells.append(select_edges(weights.tolist(), edge_ops[cell], steps))
     return Genotype(normal=cells[0], normal_concat=concat, reduce=cells[1], reduce_concat=concat)
+
+
+def genotype_op_weights(genotype: Genotype, edge_ops: dict[str, Sequence[Sequence[str]]],
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The genotype as op weights of the supernet whose edges hold ``edge_ops``:
+    per cell type an (edges, ops) matrix with 1 on each kept edge's op and 0
+    elsewhere (a discrete sub-network: the architecture scored inside the
+    supernet, SPEC §9)."""
+    out = {}
+    for cell in ("normal", "reduce"):
+        lists = edge_ops[cell]
+        gene = getattr(genotype, cell)
+        if num_edges(genotype.steps) != len(lists):
+            raise FastDartsError(f"the genotype has {genotype.steps} nodes per cell; the supernet's cells have "
+                                 f"{len(lists)} edges")
+        w = torch.zeros(len(lists), len(lists[0]), dtype=dtype)
+        for i, (op, src) in enumerate(gene):
+            edge = num_edges(i // 2) + src
+            if op not in lists[edge]:
+                raise FastDartsError(f"{cell} edge {src}->node {i // 2} keeps {op!r}, which that supernet edge does "
+                                     f"not hold ({', '.join(lists[edge])})")
+            w[edge, list(lists[edge]).index(op)] = 1.0
+        out[cell] = w
+    return out

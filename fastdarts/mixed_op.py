@@ -33,6 +33,7 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
@@ -63,6 +64,12 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self.ops.append(op)
         self.backend = check_backend(backend)
+        # P-DARTS' dropout after the skip connection (stride 1 only: on stride 2
+        # it is a FactorizedReduce): None (no dropout, no random draws) or the
+        # current rate, set by the search loop (``SearchNetwork.set_skip_dropout``).
+        self.skip_dropout: float | None = None
+        self.skip_index = (self.op_names.index("skip_connect")
+                           if "skip_connect" in self.op_names and stride == 1 else None)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
                 scale: torch.Tensor | None = None, aux_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,15 +84,38 @@ class MixedOp(nn.Module):
     def mixed(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
               aux_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The ops' weighted sum on this edge's backend, plus the auxiliary skip."""
+        weights, dropped_skip = self.split_skip_dropout(x, weights, paths)
         y = MIXED_OP_BACKENDS[self.backend](self, x, weights, paths)
+        if dropped_skip is not None:
+            y = y + dropped_skip
         if aux_weight is not None:
             from .methods.aux_skip import aux_output
 
             y = y + aux_output(self.auxiliary_op, self.backend, x, aux_weight)
         return y
 
+    def split_skip_dropout(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None):
+        """With skip dropout on (training), the skip connection's term
+        ``w·dropout(x)`` computed apart, and ``weights`` with that op's weight 0
+        for the backend: every backend (and any recompute) then sees the one
+        dropout mask autograd keeps, drawn once per forward. Else (weights, None)."""
+        if self.skip_dropout is None or not self.training or self.skip_index is None:
+            return weights, None
+        position = (self.skip_index if paths is None else
+                    next((i for i, k in enumerate(paths) if k == self.skip_index), None))
+        if position is None:
+            return weights, None
+        dropped = F.dropout(x, self.skip_dropout, training=True)
+        if paths is not None and position != 0:
+            dropped = dropped.detach()  # an inactive path: its gate gradient only
+        term = weights[position] * dropped
+        mask = torch.ones(len(weights), dtype=weights.dtype, device=weights.device)
+        mask[position] = 0
+        return weights * mask, term
+
     def extra_repr(self) -> str:
-        return f"stride={self.stride}, backend={self.backend!r}"
+        return f"stride={self.stride}, backend={self.backend!r}" + (
+            f", skip_dropout={self.skip_dropout}" if self.skip_dropout is not None else "")
 
 
 def mixed_op_reference(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor,

@@ -9,7 +9,8 @@
   Same loss, gradients and BatchNorm statistics: the recompute freezes the
   running statistics (the forward moved them), and runs from the parameter
   tensors the forward used, passed as arguments, not read from the modules
-  again (a ``functional_call`` or a reload may have swapped them by then).
+  again (a ``functional_call`` or a reload may have swapped them by then),
+  and with the forward's random state (P-DARTS' skip dropout).
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, *argumen
     return checkpoint(
         _cell_with_params, cell, list(names), s0, s1, arguments, *params,
         use_reentrant=False,
-        preserve_rng_state=False,  # the supernet draws no random numbers
+        # Random numbers are drawn only by P-DARTS' skip dropout: the recompute
+        # must then draw the forward's masks.
+        preserve_rng_state=cell.training and any(getattr(m, "skip_dropout", None) is not None
+                                                 for m in cell.modules()),
         context_fn=lambda: running_stats_frozen_context(cell),
     )

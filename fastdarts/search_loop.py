@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from .architect import Architect, frozen
 from .data import DeviceLoader, load_dataset
+from .data.loader import mix_seed
 from .errors import FastDartsError
-from .genotype import Genotype
+from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
 from .methods import method_preset
@@ -30,6 +31,8 @@ from .methods.aux_skip import aux_skip_weight
 from .methods.partial_channels import check_partial_channels
 from .methods.early_stop import canonical, parse_early_stop, rank_measures, skip_connects, stop_reason
 from .methods.path_sampling import check_sample_paths
+from .methods.progressive import (drop_ops, full_edge_ops, parse_rates, parse_stages, skip_dropout_rate,
+                                  stages_string)
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
 from .recompute import check_recompute
@@ -39,6 +42,8 @@ from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+# Pass numbers of mix_seed for the draws that are not the loader's (whose passes are 0, 1, ...).
+_STAGE_PASS, _DROPOUT_PASS = 1 << 21, 1 << 22
 
 
 @dataclass
@@ -46,7 +51,7 @@ class SearchConfig:
     """Everything a search run depends on. Fields left ``None`` take the
     ``method``'s published value (``methods.METHOD_PRESETS``; DARTS: the
     paper's); a value given explicitly wins over the preset."""
-    method: str = "darts"              # darts, pc-darts or proxyless
+    method: str = "darts"              # darts, pc-darts, proxyless or p-darts
     dataset: str = "cifar10"
     data: str = "./data"
     download: bool = False
@@ -72,6 +77,9 @@ class SearchConfig:
     arch_warmup_epochs: int | None = None  # epochs without an architecture step at the start
     aux_skip: bool = False             # DARTS-' auxiliary skip, weight 1 − t/E in epoch t
     early_stop: str | Sequence[str] | None = None  # DARTS+ criteria: "skip:2", "stable:10" or both
+    stages: str | None = None          # P-DARTS: "5:8,11:5,17:3" (cells:ops per edge); `epochs` is per stage
+    skip_dropout: str | Sequence[float] | None = None  # P-DARTS: initial dropout rate after skip_connect per stage
+    max_skip: int | None = None        # P-DARTS: skip connections the final normal cell may keep
     train_portion: float = 0.5
     backend: str = DEFAULT_BACKEND
     recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
@@ -91,6 +99,7 @@ class SearchConfig:
         resolved, layout spelled out), so that bad input fails before any data
         is touched and two spellings of one configuration compare equal on resume."""
         preset = method_preset(self.method)
+        rates_from_preset = self.skip_dropout is None and preset.get("skip_dropout") is not None
         self = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         positive = dict(channels=self.channels, batch_size=self.batch_size, epochs=self.epochs,
                         steps=self.steps, multiplier=self.multiplier, partial_channels=self.partial_channels)
@@ -129,9 +138,38 @@ class SearchConfig:
             raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or "
                                  "reference")
         early_stop = canonical(parse_early_stop(self.early_stop))
-        layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
-        return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None, edge_norm=bool(self.edge_norm),
-                                   aux_skip=bool(self.aux_skip), early_stop=early_stop)
+        if self.max_skip is not None and (isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int)
+                                          or self.max_skip < 0):
+            raise FastDartsError(f"max-skip must be a non-negative integer, got {self.max_skip!r}")
+        if self.stages is None:
+            if self.skip_dropout is not None:
+                raise FastDartsError("skip-dropout gives one rate per stage; it needs --stages")
+            layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
+            return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None,
+                                       edge_norm=bool(self.edge_norm), aux_skip=bool(self.aux_skip),
+                                       early_stop=early_stop)
+        if self.layout is not None:
+            raise FastDartsError("--stages sets each stage's cells; drop --layout (or give the stages' cells)")
+        stages = parse_stages(self.stages, len(ops))
+        if self.sample_paths and self.sample_paths >= stages[-1].ops:
+            raise FastDartsError(f"sample-paths {self.sample_paths} needs more ops per edge than the last stage's "
+                                 f"{stages[-1].ops}")
+        if rates_from_preset and len(self.skip_dropout.split(",")) != len(stages):
+            raise FastDartsError(f"the {self.method} preset's skip-dropout {self.skip_dropout} has one rate for each "
+                                 f"of its stages; for --stages {self.stages} give --skip-dropout with "
+                                 f"{len(stages)} rate(s)")
+        rates = parse_rates(self.skip_dropout, len(stages))
+        return dataclasses.replace(self, ops=",".join(ops), layout=None, layers=None, edge_norm=bool(self.edge_norm),
+                                   aux_skip=bool(self.aux_skip), early_stop=early_stop,
+                                   stages=stages_string(stages), skip_dropout=",".join(map(str, rates)))
+
+    def stage_layouts(self) -> list[tuple[str, int]]:
+        """(cell layout, ops per edge) of each stage (of a ``checked()`` config;
+        one stage without --stages)."""
+        if self.stages is None:
+            return [(self.layout, len(self.ops.split(",")))]
+        return [(layout_string(reduction_layout(st.cells)), st.ops)
+                for st in parse_stages(self.stages, len(self.ops.split(",")))]
 
     def result_defining(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
@@ -148,7 +186,7 @@ class SearchConfig:
 
 # What a checkpoint written before the methods existed ran: DARTS.
 _LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
-                      aux_skip=False, early_stop=None)
+                      aux_skip=False, early_stop=None, stages=None, skip_dropout=None, max_skip=None)
 
 
 @dataclass
@@ -199,8 +237,45 @@ def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: to
     return logits.detach(), loss.detach(), arch_loss
 
 
+def build_supernet(config: SearchConfig, dataset, device: torch.device | str, layout: str | None = None,
+                   edge_ops: dict | None = None) -> SearchNetwork:
+    """The supernet a (``checked()``) configuration searches on ``dataset``;
+    ``layout`` and ``edge_ops``: a P-DARTS stage's cells and the ops its edges hold."""
+    return SearchNetwork(
+        C=config.channels, num_classes=dataset.num_classes,
+        layers=None, layout=layout or config.layout, ops=config.ops.split(","),
+        steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
+        backend=config.backend, recompute=config.recompute, partial_channels=config.partial_channels,
+        edge_norm=config.edge_norm, sample_paths=config.sample_paths, aux_skip=config.aux_skip,
+        edge_ops=edge_ops).to(device)
+
+
+def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu", backend: str | None = None):
+    """A search run's configuration, data set and supernet (its last
+    checkpoint: weights, α and, for P-DARTS, the last stage's edges) ->
+    ``(config, dataset, model)``. ``backend`` (default the run's) may differ:
+    every backend computes the same function."""
+    path = Path(run_dir) / CHECKPOINT
+    state = read_torch(path, "cpu", what="search checkpoint")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
+    fields = {**_LEGACY_FIELDS, **state["config"]}
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    config = SearchConfig(**{k: v for k, v in fields.items() if k in known}, data=data, device=device,
+                          backend=backend or state.get("backend", DEFAULT_BACKEND), out=str(run_dir))
+    dataset = load_dataset(config.dataset, data)
+    stage = state.get("stage")
+    model = build_supernet(config, dataset, resolve_device(device),
+                           layout=None if stage is None else stage["layout"],
+                           edge_ops=None if stage is None else stage["edge_ops"])
+    model.load_state_dict(state["model"])
+    return config, dataset, model
+
+
 class _Searcher:
-    """The state of one search run; ``search()`` drives it."""
+    """The state of one search run; ``search()`` drives it. A P-DARTS run
+    (``--stages``) is a sequence of stages, each a new supernet with its own
+    optimisers; the checkpoint holds the current stage's."""
 
     def __init__(self, config: SearchConfig, log: Callable[[str], None]):
         config = config.checked()
@@ -217,13 +292,18 @@ class _Searcher:
         if self.out.exists() and not self.out.is_dir():
             raise FastDartsError(f"--out {self.out} is a file, not a directory")
 
+        self.stages = config.stage_layouts()
+        self.staged = config.stages is not None
+        self.dropout_rates = parse_rates(config.skip_dropout, len(self.stages)) if self.staged else (0.0,)
         seed_everything(config.seed)
-        dataset = load_dataset(config.dataset, config.data, download=config.download)
-        reductions = config.layout.count("R")
-        if dataset.image_size < 2 ** reductions:
-            raise FastDartsError(
-                f"layout {config.layout} has {reductions} reduction cells, but {dataset.image_size}x"
-                f"{dataset.image_size} {config.dataset} images allow at most {dataset.image_size.bit_length() - 1}")
+        dataset = self.dataset = load_dataset(config.dataset, config.data, download=config.download)
+        for layout, _ in self.stages:
+            reductions = layout.count("R")
+            if dataset.image_size < 2 ** reductions:
+                raise FastDartsError(
+                    f"layout {layout} has {reductions} reduction cells, but {dataset.image_size}x"
+                    f"{dataset.image_size} {config.dataset} images allow at most "
+                    f"{dataset.image_size.bit_length() - 1}")
         # Moved once: the loaders of the architecture half then share one copy on the device.
         train_set, val_set = (part.to(self.device) for part in dataset.search_split(config.train_portion))
         loader = dict(device=self.device, mean=dataset.mean, std=dataset.std)
@@ -234,15 +314,9 @@ class _Searcher:
                                         **augment, **loader)
         self.eval_loader = DeviceLoader(val_set, config.batch_size, shuffle=False, **loader)
 
-        self.model = SearchNetwork(
-            C=config.channels, num_classes=dataset.num_classes,
-            layers=None, layout=config.layout, ops=config.ops.split(","),
-            steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
-            backend=config.backend, recompute=config.recompute, partial_channels=config.partial_channels,
-            edge_norm=config.edge_norm, sample_paths=config.sample_paths, aux_skip=config.aux_skip).to(self.device)
         self.criteria = parse_early_stop(config.early_stop)
-        # Softmax(α) before the first epoch: what epoch 1's ranking is compared with.
-        self.initial_alphas = self.model.alpha_weights()
+        # Stage 1 right after seeding, as an unstaged run builds its one supernet.
+        self._build_stage(0, full_edge_ops(config.ops.split(","), num_edges(config.steps)), reseed=False)
         # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
         self.kernels = kernel_backend(self.device) if config.backend == "fused" else None
         log(f"method: {config.method} ({config.summary()})")
@@ -251,18 +325,30 @@ class _Searcher:
                 "zero, so α moves only by weight decay; ProxylessNAS samples 2")
         log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
             f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
-        self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=config.lr,
-                                                momentum=config.momentum, weight_decay=config.weight_decay)
-        self.architect = Architect(self.model, self.weight_optimizer, order=config.order, lr=config.arch_lr,
-                                   weight_decay=config.arch_weight_decay)
         self.history: list[dict] = []
         if config.resume:
             self._load_checkpoint()
 
+    def _build_stage(self, index: int, edge_ops: dict, reseed: bool = True) -> None:
+        """The supernet and optimisers of stage ``index`` (0-based), its edges
+        holding ``edge_ops``; weights and α drawn afresh from (seed, stage)."""
+        cfg = self.config
+        if reseed:
+            seed_everything(mix_seed(cfg.seed, index, _STAGE_PASS) % 2 ** 32)
+        self.stage, self.edge_ops = index, edge_ops
+        self.model = build_supernet(cfg, self.dataset, self.device, layout=self.stages[index][0], edge_ops=edge_ops)
+        self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=cfg.lr,
+                                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.architect = Architect(self.model, self.weight_optimizer, order=cfg.order, lr=cfg.arch_lr,
+                                   weight_decay=cfg.arch_weight_decay)
+        # Softmax(α) before the stage's first epoch: what that epoch's ranking is compared with.
+        self.initial_alphas = self.model.alpha_weights()
+
     # -- checkpoints --------------------------------------------------------
     def _save_checkpoint(self) -> None:
+        stage = dict(index=self.stage, layout=self.stages[self.stage][0], edge_ops=self.edge_ops)
         state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(), device_type=self.device.type,
-                     backend=self.config.backend, kernels=self.kernels, model=self.model.state_dict(),
+                     backend=self.config.backend, kernels=self.kernels, stage=stage, model=self.model.state_dict(),
                      weight_optimizer=self.weight_optimizer.state_dict(),
                      arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
         save_torch(self.checkpoint_path, state)
@@ -280,27 +366,51 @@ class _Searcher:
             diff.append(f"device type: checkpoint {state.get('device_type')!r} vs now {self.device.type!r}")
         if diff:
             raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})")
+        stage = state.get("stage")
+        if stage is not None and stage["index"] > 0:
+            self._build_stage(stage["index"], stage["edge_ops"])
         self.model.load_state_dict(state["model"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.architect.optimizer.load_state_dict(state["arch_optimizer"])
         self.history = list(state["history"])
-        self.log(f"resumed from {path} after epoch {len(self.history)}/{self.config.epochs}")
+        where = f"stage {self.stage + 1}/{len(self.stages)}, " if self.staged else ""
+        self.log(f"resumed from {path} after epoch {len(self.history)} ({where}{self.config.epochs} epochs"
+                 f"{' per stage' if self.staged else ''})")
 
     def _write_metrics(self) -> None:
         write_jsonl(self.out / "metrics.jsonl", self.history)
+
+    # -- where the run stands -----------------------------------------------------
+    def _position(self) -> tuple[int, int] | None:
+        """(stage, epoch within it), both 0-based, of the next epoch to run; None when the search is over."""
+        if not self.history:
+            return 0, 0
+        last = self.history[-1]
+        stage, done = last.get("stage", 1) - 1, last.get("stage_epoch", last["epoch"])
+        if done < self.config.epochs and not last.get("stopped"):
+            return stage, done
+        return (stage + 1, 0) if stage + 1 < len(self.stages) else None
 
     # -- one epoch ----------------------------------------------------------
     def _steps(self, loader: DeviceLoader) -> int:
         return steps_per_epoch(len(loader), self.config.max_steps)
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def _train_epoch(self, epoch: int, stage_epoch: int) -> dict:
+        """Epoch ``epoch`` of the run (0-based; it seeds the batch order and
+        draws), ``stage_epoch`` of its stage (it sets the schedules)."""
         cfg, model = self.config, self.model
         model.train()
         arch_stream = self.arch_loader.cycle(epoch)
         n_steps = self._steps(self.train_loader)
-        arch_step = epoch >= cfg.arch_warmup_epochs
-        model.start_epoch(cfg.seed, epoch, cfg.epochs)
-        progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        arch_step = stage_epoch >= cfg.arch_warmup_epochs
+        model.start_epoch(cfg.seed, epoch, cfg.epochs, stage_epoch)
+        dropout = self._skip_dropout(stage_epoch)
+        model.set_skip_dropout(dropout)
+        if dropout is not None:
+            # The dropout masks come from the global generator: seeded per epoch, so a resumed run draws the same.
+            torch.manual_seed(mix_seed(cfg.seed, epoch, _DROPOUT_PASS))
+        where = f"stage {self.stage + 1}/{len(self.stages)} " if self.staged else ""
+        progress = EpochProgress(self.device, n_steps, f"{where}epoch {stage_epoch + 1}/{cfg.epochs}", cfg.progress)
         arch_loss_sum = torch.zeros((), device=self.device)
         for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
             if step >= n_steps:
@@ -314,7 +424,15 @@ class _Searcher:
             progress.update(logits, y, loss)
         progress.close()
         return dict(**progress.summary(), arch_step=arch_step,
-                    arch_loss=arch_loss_sum.item() / n_steps if arch_step else None)
+                    arch_loss=arch_loss_sum.item() / n_steps if arch_step else None,
+                    **({"skip_dropout": dropout} if self.staged else {}))
+
+    def _skip_dropout(self, stage_epoch: int) -> float | None:
+        """P-DARTS' rate after skip_connect in this epoch; None when the stage has none (p₀ = 0)."""
+        p0 = self.dropout_rates[self.stage]
+        if p0 == 0:
+            return None
+        return skip_dropout_rate(p0, stage_epoch, self.config.epochs, self.config.arch_warmup_epochs)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
@@ -335,64 +453,102 @@ class _Searcher:
         return dict(val_loss=loss_sum.item() / seen, val_acc=100 * correct.item() / seen)
 
     def run(self, on_epoch_end: Callable[[dict], None] | None) -> SearchResult:
-        cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.history and self.history[-1].get("stopped"):
+        position = self._position()
+        if position is None and self.history[-1].get("stopped"):
             self.log(f"this search has finished: it stopped after epoch {len(self.history)} "
                      f"({self.history[-1]['stopped']}); nothing to resume")
-            return self._finish()
-        for epoch in range(len(self.history), cfg.epochs):
-            start = time.perf_counter()
-            lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
-            set_lr(self.weight_optimizer, lr)
-            entry = dict(epoch=epoch + 1, lr=lr, **self._train_epoch(epoch), **self._evaluate(),
-                         method=cfg.method, backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
-            if cfg.aux_skip:
-                entry["aux_skip_weight"] = aux_skip_weight(epoch, cfg.epochs)
-            genotype = self.model.genotype()
-            entropy = self.model.alpha_entropy()
-            betas = self.model.edge_weights()
-            alphas = self.model.alpha_weights()
-            previous = self.history[-1] if self.history else None
-            entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=alphas,
-                         **({"betas": betas} if betas is not None else {}),
-                         skip_connects=skip_connects(genotype),
-                         **rank_measures(previous["alphas"] if previous else self.initial_alphas, alphas,
-                                         self.model.op_names, previous.get("rank_unchanged_epochs", 0) if previous else 0),
-                         config=cfg.result_defining())
-            stopped = stop_reason(self.criteria, entry)
-            entry.update(stopped=stopped, seconds=time.perf_counter() - start)
-            self.history.append(entry)
-            # Metrics first: a crash between the two never leaves a checkpoint newer than them.
-            self._write_metrics()
-            self._save_checkpoint()
-            self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
-                     f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
-                     f"reduce {entropy['reduce']:.4f}  rank tau {entry['alpha_rank_tau']:.3f} "
-                     f"(unchanged {entry['rank_unchanged_epochs']})  skips {entry['skip_connects']}  "
-                     f"{entry['seconds']:.1f}s"
-                     + ("" if entry["arch_step"] else "  (architecture warm-up: no α step)")
-                     + (f"\n  {beta_line(betas, self.model.steps)}" if betas is not None else "")
-                     + f"\n  genotype {genotype_line(genotype)}")
+        while position is not None:
+            stage, stage_epoch = position
+            if stage != self.stage:  # the previous stage ended: its entry says which ops the edges keep
+                self._build_stage(stage, self.history[-1]["next_edge_ops"])
+            entry = self._run_epoch(stage_epoch)
             if on_epoch_end is not None:
                 on_epoch_end(entry)
-            if stopped:
-                self.log(f"stopping after epoch {epoch + 1}/{cfg.epochs}: {stopped}")
-                break
+            position = self._position()
+            if self.staged and (position is None or position[0] != self.stage):
+                self._plot_alphas(self.out / f"alphas_stage{self.stage + 1}.png")
         return self._finish()
 
-    def _finish(self) -> SearchResult:
-        from .visualize import plot_alpha_history, plot_genotype
-
+    def _run_epoch(self, stage_epoch: int) -> dict:
+        cfg, epoch = self.config, len(self.history)
+        start = time.perf_counter()
+        lr = cosine_lr(stage_epoch, cfg.epochs, cfg.lr, cfg.lr_min)
+        set_lr(self.weight_optimizer, lr)
+        entry = dict(epoch=epoch + 1, **self._stage_fields(stage_epoch), lr=lr,
+                     **self._train_epoch(epoch, stage_epoch), **self._evaluate(),
+                     method=cfg.method, backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
+        if cfg.aux_skip:
+            entry["aux_skip_weight"] = aux_skip_weight(stage_epoch, cfg.epochs)
         genotype = self.model.genotype()
+        entropy = self.model.alpha_entropy()
+        betas = self.model.edge_weights()
+        alphas = self.model.alpha_weights()
+        previous = self.history[-1] if stage_epoch > 0 else None
+        entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=alphas,
+                     **({"betas": betas} if betas is not None else {}),
+                     skip_connects=skip_connects(genotype),
+                     **rank_measures(previous["alphas"] if previous else self.initial_alphas, alphas,
+                                     self.edge_ops, previous.get("rank_unchanged_epochs", 0) if previous else 0),
+                     config=cfg.result_defining())
+        stopped = stop_reason(self.criteria, entry)
+        entry.update(stopped=stopped, seconds=time.perf_counter() - start)
+        last_stage = self.stage + 1 == len(self.stages)
+        if (stopped or stage_epoch + 1 == cfg.epochs) and not last_stage:
+            # P-DARTS: each edge keeps its strongest ops by softmax(α) for the next stage.
+            entry["next_edge_ops"] = drop_ops(self.edge_ops, alphas, self.stages[self.stage + 1][1])
+        self.history.append(entry)
+        # Metrics first: a crash between the two never leaves a checkpoint newer than them.
+        self._write_metrics()
+        self._save_checkpoint()
+        where = f"stage {self.stage + 1}/{len(self.stages)} ({self.stages[self.stage][1]} ops) " if self.staged else ""
+        self.log(f"{where}epoch {stage_epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
+                 f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
+                 f"reduce {entropy['reduce']:.4f}  rank tau {entry['alpha_rank_tau']:.3f} "
+                 f"(unchanged {entry['rank_unchanged_epochs']})  skips {entry['skip_connects']}  "
+                 f"{entry['seconds']:.1f}s"
+                 + ("" if entry["arch_step"] else "  (architecture warm-up: no α step)")
+                 + (f"\n  {beta_line(betas, self.model.steps)}" if betas is not None else "")
+                 + f"\n  genotype {genotype_line(genotype)}")
+        if stopped:
+            what = f" stage {self.stage + 1}" if self.staged and not last_stage else ""
+            self.log(f"stopping{what} after epoch {stage_epoch + 1}/{cfg.epochs}: {stopped}")
+        if "next_edge_ops" in entry:
+            kept = self.stages[self.stage + 1][1]
+            self.log(f"stage {self.stage + 1} done: every edge keeps its {kept} strongest ops for stage "
+                     f"{self.stage + 2} ({self.stages[self.stage + 1][0].count(',') + 1} cells)"
+                     + "".join(f"\n  {cell} edge {e}: {', '.join(ops)}" for cell in ("normal", "reduce")
+                               for e, ops in enumerate(entry["next_edge_ops"][cell])))
+        return entry
+
+    def _stage_fields(self, stage_epoch: int) -> dict:
+        if not self.staged:
+            return {}
+        layout, ops = self.stages[self.stage]
+        return dict(stage=self.stage + 1, stage_epoch=stage_epoch + 1, cells=layout.count(",") + 1,
+                    ops_per_edge=ops, edge_ops=self.edge_ops)
+
+    def _plot_alphas(self, path: Path) -> None:
+        from .visualize import plot_alpha_history
+
+        entries = [h for h in self.history if h.get("stage", 1) == self.stage + 1]
+        plot_alpha_history([h["alphas"] for h in entries], self.model.op_names, self.model.steps, path,
+                           betas=[h["betas"] for h in entries] if self.model.edge_norm else None,
+                           edge_ops=self.edge_ops)
+
+    def _finish(self) -> SearchResult:
+        from .visualize import plot_genotype
+
+        cfg = self.config
+        genotype = self.model.genotype(max_skip=cfg.max_skip)
         genotype.save(self.out / "genotype.json")
         (self.out / "genotype.txt").write_text(str(genotype) + "\n")
         pictures = plot_genotype(genotype, self.out)
-        plot_alpha_history([h["alphas"] for h in self.history], self.model.op_names, self.model.steps,
-                           self.out / "alphas.png",
-                           betas=[h["betas"] for h in self.history] if self.model.edge_norm else None)
+        self._plot_alphas(self.out / "alphas.png")
         stopped = self.history[-1].get("stopped") if self.history else None
-        self.log(f"searched genotype{f' (epoch {len(self.history)}, {stopped})' if stopped else ''}:\n{genotype}")
+        limited = cfg.max_skip is not None and genotype != self.model.genotype()
+        self.log(f"searched genotype{f' (epoch {len(self.history)}, {stopped})' if stopped else ''}"
+                 f"{f' (normal cell limited to {cfg.max_skip} skip connections)' if limited else ''}:\n{genotype}")
         self.log(f"wrote {self.out / 'genotype.json'}, {', '.join(str(p) for p in pictures)}, "
                  f"{self.out / 'alphas.png'}, {self.out / 'metrics.jsonl'}")
         return SearchResult(genotype=genotype, history=self.history, out=self.out, model=self.model)

@@ -27,6 +27,7 @@ from .methods.edge_norm import edge_weights as beta_edge_weights
 from .methods.aux_skip import aux_skip_weight
 from .methods.partial_channels import PartialChannelMixedOp, check_partial_channels
 from .methods.path_sampling import PathSampler, check_sample_paths
+from .methods.progressive import check_edge_ops
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
 from .recompute import check_recompute, recompute_cell
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
@@ -34,10 +35,11 @@ from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
 class SearchCell(nn.Module):
     """A cell of the supernet: 2 inputs, ``steps`` intermediate nodes, the
-    output concatenates the last ``multiplier`` of them."""
+    output concatenates the last ``multiplier`` of them. ``edge_ops``: the
+    ops of every edge, or one list per edge (P-DARTS' stages)."""
 
-    def __init__(self, op_names: Sequence[str], steps: int, multiplier: int, C_prev_prev: int, C_prev: int,
-                 C: int, reduction: bool, reduction_prev: bool, backend: str, partial_channels: int = 1,
+    def __init__(self, edge_ops: Sequence[Sequence[str]], steps: int, multiplier: int, C_prev_prev: int,
+                 C_prev: int, C: int, reduction: bool, reduction_prev: bool, backend: str, partial_channels: int = 1,
                  aux_skip: bool = False):
         super().__init__()
         self.reduction = reduction
@@ -48,12 +50,15 @@ class SearchCell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        def edge(stride: int) -> MixedOp:
+        def edge(stride: int, op_names: Sequence[str]) -> MixedOp:
             if partial_channels == 1:
                 return MixedOp(C, stride, op_names, backend, aux_skip)
             return PartialChannelMixedOp(C, stride, op_names, backend, k=partial_channels, aux_skip=aux_skip)
 
-        self.edges = nn.ModuleList(edge(2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i))
+        pairs = [(i, j) for i in range(steps) for j in range(2 + i)]
+        if edge_ops and isinstance(edge_ops[0], str):  # one op list for every edge
+            edge_ops = [edge_ops] * len(pairs)
+        self.edges = nn.ModuleList(edge(2 if reduction and j < 2 else 1, ops) for (i, j), ops in zip(pairs, edge_ops))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_scales: torch.Tensor | None = None, paths: tuple | None = None,
@@ -99,12 +104,17 @@ class SearchNetwork(nn.Module):
             (0: off; ``methods/path_sampling.py``).
         aux_skip: DARTS-' auxiliary skip on every edge, weighted by the
             ``aux_skip_weight`` buffer (β_t; ``methods/aux_skip.py``).
+        edge_ops: P-DARTS' stages: ``{"normal": [ops of edge 0, ...], "reduce":
+            [...]}``, the ops each edge holds (a subset of ``ops`` in its order,
+            the same number on every edge; ``methods/progressive.py``). None:
+            every edge holds every op. α's columns follow each edge's list.
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
                  in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge",
-                 partial_channels: int = 1, edge_norm: bool = False, sample_paths: int = 0, aux_skip: bool = False):
+                 partial_channels: int = 1, edge_norm: bool = False, sample_paths: int = 0, aux_skip: bool = False,
+                 edge_ops: dict[str, Sequence[Sequence[str]]] | None = None):
         super().__init__()
         self.recompute = check_recompute(recompute)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
@@ -115,9 +125,10 @@ class SearchNetwork(nn.Module):
         if multiplier > steps:
             raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
         self.op_names = resolve_ops(ops)
+        self.edge_ops = check_edge_ops(edge_ops, self.op_names, num_edges(steps))
         check_partial_channels(partial_channels, C)
         self.partial_channels, self.edge_norm, self.aux_skip = partial_channels, bool(edge_norm), bool(aux_skip)
-        self.sample_paths = check_sample_paths(sample_paths, len(self.op_names))
+        self.sample_paths = check_sample_paths(sample_paths, len(self.edge_ops["normal"][0]))
         if sample_paths and check_backend(backend) == "checkpoint":
             raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or reference")
         self.reductions = reduction_layout(None if layout is not None else layers, layout)
@@ -134,7 +145,8 @@ class SearchNetwork(nn.Module):
         for reduction in self.reductions:
             if reduction:
                 C_curr *= 2
-            self.cells.append(SearchCell(self.op_names, steps, multiplier, C_prev_prev, C_prev, C_curr,
+            self.cells.append(SearchCell(self.edge_ops["reduce" if reduction else "normal"], steps, multiplier,
+                                         C_prev_prev, C_prev, C_curr,
                                          reduction, reduction_prev, backend, partial_channels, self.aux_skip))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -143,7 +155,7 @@ class SearchNetwork(nn.Module):
 
         # Created after the weights, as in the original code, so the same seed
         # gives the same initial weights and α.
-        k, n = num_edges(steps), len(self.op_names)
+        k, n = num_edges(steps), len(self.edge_ops["normal"][0])
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n))
         if self.edge_norm:  # after α, as PC-DARTS: the same seed gives its initial values
@@ -181,9 +193,18 @@ class SearchNetwork(nn.Module):
         return self
 
     # -- forward ------------------------------------------------------------
-    def _cell_arguments(self) -> tuple[tuple, tuple]:
+    def set_skip_dropout(self, rate: float | None) -> None:
+        """P-DARTS' dropout after every stride-1 skip connection (None: off, no random draws)."""
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.skip_dropout = None if rate is None else float(rate)
+
+    def _cell_arguments(self, op_weights: dict[str, torch.Tensor] | None = None) -> tuple[tuple, tuple]:
         """The architecture arguments of a normal and of a reduction cell:
-        (op weights, edge scales, paths)."""
+        (op weights, edge scales, paths, auxiliary-skip weight). ``op_weights``
+        given: those, and nothing else (a discrete sub-network)."""
+        if op_weights is not None:
+            return tuple((op_weights[cell].to(self.alpha_normal), None, None, None) for cell in ("normal", "reduce"))
         alphas = [self.alpha_normal, self.alpha_reduce]
         if self.path_sampler is None:
             weights, paths = [F.softmax(a, dim=-1) for a in alphas], [None, None]
@@ -196,8 +217,12 @@ class SearchNetwork(nn.Module):
         aux = self.aux_skip_weight if self.aux_skip else None
         return tuple((w, s, p, aux) for w, s, p in zip(weights, scales, paths))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arguments = self._cell_arguments()
+    def forward(self, x: torch.Tensor, op_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of ``x``. ``op_weights`` (``{"normal": (edges, ops), "reduce": ...}``)
+        replace softmax(α), and edge normalisation, path sampling and the
+        auxiliary skip are off: e.g. ``genotype.genotype_op_weights`` scores an
+        architecture as a discrete sub-network of the supernet (SPEC §9)."""
+        arguments = self._cell_arguments(op_weights)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             args = arguments[cell.reduction]
@@ -213,8 +238,10 @@ class SearchNetwork(nn.Module):
 
     # -- architecture -------------------------------------------------------
     # -- method hooks (search loop and architect) -------------------------------
-    def start_epoch(self, seed: int, epoch: int, epochs: int | None = None) -> None:
-        """Called by the search loop before each epoch (0-based) of ``epochs``."""
+    def start_epoch(self, seed: int, epoch: int, epochs: int | None = None, stage_epoch: int | None = None) -> None:
+        """Called by the search loop before each epoch (0-based) of the run;
+        ``stage_epoch`` of ``epochs`` is its place in its stage (P-DARTS; the
+        schedules restart each stage), by default ``epoch``."""
         if self.path_sampler is not None:
             self.path_sampler.start_epoch(seed, epoch)
         if self.aux_skip:
@@ -222,7 +249,7 @@ class SearchNetwork(nn.Module):
                 raise FastDartsError("the auxiliary skip's β_t needs the number of epochs: start_epoch(seed, "
                                      "epoch, epochs)")
             with torch.no_grad():
-                self.aux_skip_weight.fill_(aux_skip_weight(epoch, epochs))
+                self.aux_skip_weight.fill_(aux_skip_weight(epoch if stage_epoch is None else stage_epoch, epochs))
 
     def before_arch_update(self, optimizer: torch.optim.Optimizer):
         """Called by the architect after the gradients are set, before Adam steps."""
@@ -232,14 +259,17 @@ class SearchNetwork(nn.Module):
 
     def after_arch_update(self, optimizer: torch.optim.Optimizer, saved) -> None:
         if self.path_sampler is not None:
-            none = self.op_names.index("none") if "none" in self.op_names else None
+            # Per cell type, per edge: the column of `none` (-1: the edge does not hold it).
+            none = [[ops.index("none") if "none" in ops else -1 for ops in self.edge_ops[cell]]
+                    for cell in ("normal", "reduce")]
             self.path_sampler.after_arch_update([self.alpha_normal, self.alpha_reduce], optimizer, saved, none)
 
     # -- architecture -------------------------------------------------------
-    def genotype(self) -> Genotype:
+    def genotype(self, max_skip: int | None = None) -> Genotype:
+        """The derived cells; ``max_skip``: P-DARTS' limit on the normal cell's skip connections."""
         betas = dict(beta_normal=self.beta_normal, beta_reduce=self.beta_reduce) if self.edge_norm else {}
         return derive_genotype(self.alpha_normal, self.alpha_reduce, self.op_names, self.steps, self.multiplier,
-                               **betas)
+                               edge_ops=self.edge_ops, max_skip=max_skip, **betas)
 
     def alpha_weights(self) -> dict[str, list[list[float]]]:
         """softmax(α) of both cell types as plain lists (for logs and plots)."""

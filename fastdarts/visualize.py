@@ -321,13 +321,14 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 # ---------------------------------------------------------------- α history
 
-def _history_array(history: Sequence[dict[str, Any]], op_names: Sequence[str], steps: int) -> Any:
-    """``history`` as an array [cell, epoch, edge, op], checked against the search space."""
+def _history_array(history: Sequence[dict[str, Any]], width: int, steps: int) -> Any:
+    """``history`` as an array [cell, epoch, edge, op], checked against the
+    search space (``width`` ops per edge)."""
     import numpy as np
 
     if isinstance(history, (str, bytes, dict)) or not isinstance(history, Sequence) or not history:
         raise FastDartsError("history must be a non-empty list with one {'normal', 'reduce'} entry per epoch")
-    expected = (num_edges(steps), len(op_names))
+    expected = (num_edges(steps), width)
     cells = []
     for cell in _CELLS:
         epochs = []
@@ -349,21 +350,28 @@ def _history_array(history: Sequence[dict[str, Any]], op_names: Sequence[str], s
 
 
 def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str], steps: int,
-                       path: str | Path, betas: Sequence[dict[str, Any]] | None = None) -> Path:
+                       path: str | Path, betas: Sequence[dict[str, Any]] | None = None,
+                       edge_ops: dict[str, Sequence[Sequence[str]]] | None = None) -> Path:
     """Op weights (softmax(α)) of every edge over the epochs: one small plot
     per edge, row = target node, column = input node, one panel per cell
     type. A thick frame in an op's colour marks the edges the last epoch's
     weights keep, so a reader sees why the genotype came out as it did.
     ``betas`` (PC-DARTS' edge normalisation: per epoch, softmax(β) per edge
     of each cell type) adds each edge's weight as a black line, and the kept
-    edges are ranked by op weight times edge weight, as the derivation does."""
+    edges are ranked by op weight times edge weight, as the derivation does.
+    ``edge_ops`` (P-DARTS' stages): the ops each edge holds, α's columns in
+    their order; each line keeps its op's colour."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     op_names = resolve_ops(op_names)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise FastDartsError(f"steps must be a positive integer, got {steps!r}")
-    weights = _history_array(history, op_names, steps)
+    from .methods.progressive import check_edge_ops
+
+    edge_ops = check_edge_ops(edge_ops, op_names, num_edges(steps))
+    weights = _history_array(history, len(edge_ops["normal"][0]), steps)
+    shown = [op for op in op_names if any(op in ops for cell in _CELLS for ops in edge_ops[cell])]
     edge_w = None
     if betas is not None:
         import numpy as np
@@ -382,7 +390,7 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
     top = min(1.0, float(max(weights.max(), 0 if edge_w is None else edge_w.max())) * 1.08 + 0.02)
 
     width = max(9.0, 3.1 * (steps + 1) + 0.4)
-    entries = len(op_names) + (betas is not None)
+    entries = len(shown) + (betas is not None)
     legend_rows = -(-entries // int(width // 1.6))
     columns = -(-entries // legend_rows)
     height = 1.15 * steps + 1.65 + 0.25 * legend_rows
@@ -390,7 +398,7 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
     panels = fig.subfigures(1, 2, wspace=0.02)
     for panel, (c, cell) in zip(panels, enumerate(_CELLS)):
         last = weights[c, -1] if edge_w is None else weights[c, -1] * edge_w[c, -1][:, None]
-        kept = select_edges(last.tolist(), op_names, steps)
+        kept = select_edges(last.tolist(), edge_ops[cell], steps)
         axes = panel.subplots(steps, steps + 1, sharex=True, sharey=True, squeeze=False)
         panel.subplots_adjust(left=0.1, right=0.98, top=1 - 0.75 / height,
                               bottom=(0.9 + 0.25 * legend_rows) / height, wspace=0.12, hspace=0.2)
@@ -402,7 +410,7 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
                     ax.set_visible(False)
                     continue
                 edge = num_edges(node) + src
-                for k, op in enumerate(op_names):
+                for k, op in enumerate(edge_ops[cell][edge]):
                     ax.plot(epochs, weights[c, :, edge, k], color=_op_colour(op), lw=1.3, marker=marker, ms=4,
                             linestyle=(0, (3, 2)) if op == "none" else "-")
                 if edge_w is not None:
@@ -427,8 +435,8 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
                 if node == steps - 1:
                     ax.set_xlabel("epoch", fontsize=8)
     handles = [Line2D([], [], color=_op_colour(op), lw=2, marker=marker,
-                      linestyle=(0, (3, 2)) if op == "none" else "-") for op in op_names]
-    labels = list(op_names)
+                      linestyle=(0, (3, 2)) if op == "none" else "-") for op in shown]
+    labels = list(shown)
     if edge_w is not None:
         handles.append(Line2D([], [], color="black", lw=2, marker=marker))
         labels.append("edge weight softmax(β)")

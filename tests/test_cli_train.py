@@ -193,3 +193,15 @@ def test_pipeline_runs_search_train_eval(tmp_path, capsys, monkeypatch):
     # A second run into the same folder is refused rather than mixed with the first.
     assert "is not empty" in _error_line(pipeline_main, ["--out", str(out), "--device", "cpu"], capsys,
                                          "fastdarts-pipeline")
+
+
+def test_pipeline_with_p_darts_splits_the_epochs_over_its_stages(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "PIPELINE_SEARCH", dict(cli.PIPELINE_SEARCH, channels=4, steps=2, multiplier=2,
+                                                      max_steps=1))
+    monkeypatch.setattr(cli, "PIPELINE_TRAIN", dict(cli.PIPELINE_TRAIN, layers=3, channels=4, max_steps=1))
+    out = tmp_path / "pipe"
+    assert pipeline_main(["--out", str(out), "--method", "p-darts", "--search-epochs", "3", "--train-epochs", "1",
+                          "--device", "cpu", "--no-progress"]) == 0
+    assert "1 epochs in each of the stages 3:8,3:5,3:3" in capsys.readouterr().out
+    stages = [json.loads(line)["stage"] for line in (out / "search" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == [1, 2, 3]

@@ -75,7 +75,7 @@ def test_bad_method_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, messag
 
 def test_pipeline_takes_a_method():
     args = pipeline_parser().parse_args(["--method", "pc-darts"])
-    assert args.method == "pc-darts" and args.order is None
+    assert args.method == "pc-darts" and args.order == "first"
 
 
 def test_a_checkpoint_from_before_the_methods_resumes_as_darts(tmp_path):

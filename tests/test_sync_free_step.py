@@ -41,12 +41,19 @@ def _step_counters(*optimizers):
     return [s["step"] for opt in optimizers for s in opt.state.values() if "step" in s]
 
 
-# PC-DARTS' slice, bypass, shuffle and β are in the step too.
-METHODS = {"darts": {}, "pc-darts": dict(partial_channels=2, edge_norm=True), "darts-": dict(aux_skip=True)}
+# PC-DARTS' slice, bypass, shuffle and β are in the step too; P-DARTS' edges holding
+# different ops and its skip dropout (random masks drawn on the device) too.
+_PDARTS_OPS = {"normal": [("none", "skip_connect", "sep_conv_3x3"), ("max_pool_3x3", "skip_connect", "dil_conv_3x3"),
+                          ("skip_connect", "sep_conv_3x3", "sep_conv_5x5"), ("none", "avg_pool_3x3", "skip_connect"),
+                          ("avg_pool_3x3", "sep_conv_5x5", "dil_conv_5x5")],
+               "reduce": [("none", "skip_connect", "sep_conv_3x3")] * 5}
+METHODS = {"darts": {}, "pc-darts": dict(partial_channels=2, edge_norm=True), "darts-": dict(aux_skip=True),
+           "p-darts": dict(edge_ops=_PDARTS_OPS, skip_dropout=0.3)}
 
 
-def _search_setup(backend, order, device, recompute="edge", **method):
+def _search_setup(backend, order, device, recompute="edge", skip_dropout=None, **method):
     net = tiny_net(backend=backend, recompute=recompute, **method).to(device)
+    net.set_skip_dropout(skip_dropout)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(net, sgd, order=order)
     x = torch.randn(8, 3, 8, 8).to(device)

@@ -65,13 +65,16 @@ def _ranking(row: Sequence[float], ops: Sequence[int]) -> tuple[int, ...]:
 
 
 def rank_measures(previous: dict[str, list[list[float]]], current: dict[str, list[list[float]]],
-                  op_names: Sequence[str], unchanged_before: int) -> dict:
+                  op_names: Sequence[str] | dict[str, Sequence[Sequence[str]]], unchanged_before: int) -> dict:
     """``alpha_rank_tau`` and ``rank_unchanged_epochs`` of an epoch, from the
-    op weights (softmax α, per cell type) before and after it."""
-    parametric = [k for k, op in enumerate(op_names) if is_parametric(op)]
+    op weights (softmax α, per cell type) before and after it. ``op_names``:
+    the ops of α's columns, or per cell type one list per edge (P-DARTS)."""
     taus, same = [], True
     for cell in ("normal", "reduce"):
-        for before, after in zip(previous[cell], current[cell]):
+        rows = current[cell]
+        names = [op_names] * len(rows) if not isinstance(op_names, dict) else op_names[cell]
+        for before, after, ops in zip(previous[cell], rows, names):
+            parametric = [k for k, op in enumerate(ops) if is_parametric(op)]
             tau = kendall_tau(before, after)
             taus.append(1.0 if math.isnan(tau) else tau)  # a constant row: nothing moved
             if _ranking(before, parametric) != _ranking(after, parametric):

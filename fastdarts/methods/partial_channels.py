@@ -101,10 +101,13 @@ def _edge_reference(edge: "PartialChannelMixedOp", y1: torch.Tensor, x2: torch.T
 
 def _edge_checkpointed(edge: "PartialChannelMixedOp", names: list[list[str]], aux_names: list[str],
                        x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None,
-                       aux_weight: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+                       aux_weight: torch.Tensor | None, dropped_skip: torch.Tensor | None,
+                    *params: torch.Tensor) -> torch.Tensor:
     x1, x2 = edge.split(x)
     n_ops = sum(len(n) for n in names)
     y1 = _reference_with_params(edge, names, x1, weights, *params[:n_ops])
+    if dropped_skip is not None:  # drawn outside, so the recompute sees the forward's mask
+        y1 = y1 + dropped_skip
     if aux_weight is not None:
         y1 = y1 + aux_weight * functional_call(edge.auxiliary_op, dict(zip(aux_names, params[n_ops:])), (x1,))
     return _edge_reference(edge, y1, x2, scale)
@@ -140,8 +143,9 @@ class PartialChannelMixedOp(MixedOp):
 
             named = [list(op.named_parameters()) for op in self.ops]
             aux = list(self.auxiliary_op.named_parameters()) if aux_weight is not None else []
+            weights, dropped_skip = self.split_skip_dropout(x1, weights, None)
             return checkpoint(_edge_checkpointed, self, [[n for n, _ in ps] for ps in named], [n for n, _ in aux],
-                              x, weights, scale, aux_weight, *(p for ps in named for _, p in ps),
+                              x, weights, scale, aux_weight, dropped_skip, *(p for ps in named for _, p in ps),
                               *(p for _, p in aux), use_reentrant=False, preserve_rng_state=False,
                               context_fn=lambda: running_stats_frozen_context(self))
         # fused: β folded into the op weights, the bypass scaled by a Function that keeps only its input.

@@ -121,11 +121,12 @@ class PathSampler:
 
     @torch.no_grad()
     def after_arch_update(self, alphas: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved,
-                          none_index: int | None) -> None:
-        for alpha, (old, old_state), (index, active) in zip(alphas, saved, self.last_arch_sample):
-            if none_index is not None:
+                          none_index: list[list[int]]) -> None:
+        """``none_index``: per α, per edge, the column of `none` (-1: none there)."""
+        for alpha, (old, old_state), (index, active), nones in zip(alphas, saved, self.last_arch_sample, none_index):
+            if any(k >= 0 for k in nones):
                 # Edges whose active op is `none` are not updated (the original's grad = None).
-                keep = (active == none_index).to(alpha.device).unsqueeze(1)
+                keep = (active == torch.tensor(nones)).to(alpha.device).unsqueeze(1)
                 alpha.copy_(torch.where(keep, old, alpha))
                 # Adam's moments too (zeros where the step created them).
                 for key, value in optimizer.state.get(alpha, {}).items():
