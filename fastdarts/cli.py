@@ -2,6 +2,13 @@
 
 Bad input ends in one line on stderr and exit status 2; an interrupted run
 says how to resume and exits with 130.
+
+``fastdarts-train`` and ``fastdarts-eval`` also run under torchrun (SPEC §10;
+``fastdarts.distributed``): the first line says the world size and backend,
+and rank 0 prints. Bad arguments are reported by rank 0 alone (every rank
+checks the same ones); an error met by another rank is printed by it, named
+"rank r of N". A rank that loses the others (one stopped or hung) says so
+in one line and exits with status 3, with the resume hint.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
+from . import distributed
 from .errors import FastDartsError
 from .genotype import GENOTYPES, get_genotype
 from .methods import METHOD_PRESETS
@@ -142,22 +150,57 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None,
+def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None, *, rank: int = 0,
+         world_size: int = 1, quiet: bool = False,
          kept: str = "finished epochs are in {}/checkpoint.pt") -> tuple[int, Any]:
     """(exit status, result) of a command's work: a FastDartsError or OSError
     (an unwritable --out, a full disk) is one line and status 2; Ctrl-C is
     status 130, with the resume hint when the run keeps checkpoints (``kept``:
-    what it keeps where, ``{}`` standing for ``resume_from``)."""
+    what it keeps where, ``{}`` standing for ``resume_from``); a lost rank of a
+    multi-process run (``distributed.RankLost``) is status 3.
+    ``rank``/``world_size``: this process's place in such a run, named in
+    the errors of ranks other than 0; ``quiet``: print nothing."""
+    who = f"rank {rank} of {world_size}: " if rank else ""
     try:
         return 0, action()
+    except distributed.RankLost as e:
+        if not quiet:
+            hint = (f"; {kept.format(resume_from)}: rerun the same command with --resume" if resume_from else "")
+            print(f"{prog}: error: {e}{hint}", file=sys.stderr)
+        return 3, None
     except (FastDartsError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"{prog}: error: {who}{e}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt:
-        hint = (f"; continue with the same command plus --resume ({kept.format(resume_from)})"
-                if resume_from else "")
-        print(f"\n{prog}: interrupted{hint}", file=sys.stderr)
+        # Ctrl-C reaches every rank: rank 0 speaks for them.
+        if not quiet and not rank:
+            hint = (f"; continue with the same command plus --resume ({kept.format(resume_from)})"
+                    if resume_from else "")
+            print(f"\n{prog}: interrupted{hint}", file=sys.stderr)
         return 130, None
+
+
+def _run_distributed(prog: str, action: Callable[[distributed.DistContext], Any], *, device: str, batch_size: int,
+                     resume_from: str | None = None) -> tuple[int, Any]:
+    """``_run`` of ``action(context)`` in the process group torchrun's
+    environment describes (a single process without torchrun). The global
+    batch is checked first, before any rank waits for the others."""
+    status, place = _run(prog, distributed.launch_env)
+    if status:
+        return status, None
+    rank, world_size = place
+    status, _ = _run(prog, lambda: distributed.per_rank_batch(batch_size, world_size), quiet=rank != 0)
+    if status:
+        return status, None
+
+    def work():
+        with distributed.launch(device) as context:
+            if context.is_main:
+                print(context.describe(), flush=True)
+            return action(context)
+
+    return _run(prog, work, resume_from, rank=rank, world_size=world_size)
 
 
 def search_main(argv: Sequence[str] | None = None) -> int:
@@ -250,7 +293,9 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig(**vars(train_parser().parse_args(argv)))
-    return _run("fastdarts-train", lambda: train(config), resume_from=config.out)[0]
+    # train() takes its place in the process group that _run_distributed set up.
+    return _run_distributed("fastdarts-train", lambda context: train(config), device=config.device,
+                            batch_size=config.batch_size, resume_from=config.out)[0]
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -289,11 +334,15 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
     from .evaluate import evaluate_checkpoint
 
-    status, result = _run("fastdarts-eval", lambda: evaluate_checkpoint(
-        args.checkpoint, genotype=args.genotype, channels=args.channels, layers=args.layers, dataset=args.dataset,
-        data=args.data, download=args.download, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
-        channels_last=args.channels_last))
-    if status == 0:
+    def evaluate(context: distributed.DistContext) -> dict | None:
+        result = evaluate_checkpoint(
+            args.checkpoint, genotype=args.genotype, channels=args.channels, layers=args.layers, dataset=args.dataset,
+            data=args.data, download=args.download, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
+            channels_last=args.channels_last, dist=context)
+        return result if context.is_main else None  # rank 0 prints
+
+    status, result = _run_distributed("fastdarts-eval", evaluate, device=args.device, batch_size=args.batch_size)
+    if status == 0 and result is not None:
         _print_eval(result, args.checkpoint)
     return status
 

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .distributed import DistContext, all_reduce_sum_, main_rank_first, per_rank_batch
 from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
 from .genotype import Genotype
@@ -51,10 +52,16 @@ def autocast(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, bf16: bool = False,
-             channels_last: bool = False, max_steps: int | None = None) -> dict[str, float]:
+             channels_last: bool = False, max_steps: int | None = None,
+             dist: DistContext | None = None) -> dict[str, float]:
     """Mean cross-entropy and top-1 / top-5 accuracy (percent) of ``model``
     over ``batches``, in eval mode; the model's mode is restored afterwards.
-    Sums stay on the device until the end: one synchronisation per call."""
+    Sums stay on the device until the end: one synchronisation per call.
+
+    In a multi-process run (``dist``) each rank passes its shard of the
+    batches and the sums are added over the ranks: the counts exactly, so the
+    accuracies are the single process's on the same weights; every rank
+    returns the totals."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -66,6 +73,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         for step, (x, y) in enumerate(batches):
             if max_steps is not None and step >= max_steps:
                 break
+            if len(y) == 0:  # this rank's part of a last batch smaller than the number of ranks
+                continue
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, bf16):
@@ -79,6 +88,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             seen += len(y)
     finally:
         model.train(was_training)
+    if dist is not None and dist.distributed:
+        images = torch.tensor(seen, device=device, dtype=torch.long)
+        all_reduce_sum_([loss_sum, correct1, correct5, images])
+        seen = int(images.item())
     if seen == 0:
         raise FastDartsError("nothing to evaluate: the test set is empty")
     return dict(loss=loss_sum.item() / seen, top1=100 * correct1.item() / seen, top5=100 * correct5.item() / seen,
@@ -223,26 +236,36 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
                         layers: int | None = None, dataset: str | None = None, data: str = "./data",
                         download: bool = False, batch_size: int = 256, device: str = "auto",
                         bf16: bool | None = None, channels_last: bool | None = None,
-                        max_steps: int | None = None) -> dict[str, Any]:
+                        max_steps: int | None = None, dist: DistContext | None = None) -> dict[str, Any]:
     """Test accuracy (top-1, top-5, percent), loss and parameter counts of the
     network in ``path`` (see ``load_trained``) on ``dataset``'s test set
     (default: the one it was trained on, else CIFAR-10). The forward passes
     run in float32 unless ``bf16=True``: the reported accuracy is the fp32
     one even for a network trained under bf16 autocast. ``channels_last``
     defaults to on for CUDA and off on the CPU, as in training (it changes
-    only the memory layout)."""
+    only the memory layout).
+
+    Under ``dist`` (a multi-process run) the device is the rank's, and the
+    test set is shared out among the ranks batch by batch (``batch_size`` is
+    the global batch) and the result reduced over them (see ``evaluate``)."""
     from .data import DeviceLoader, load_dataset
     from .genotype import get_genotype
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise FastDartsError(f"batch-size must be a positive integer, got {batch_size!r}")
-    target = resolve_device(device)
+    shard = None
+    if dist is not None and dist.distributed:
+        per_rank_batch(batch_size, dist.world_size)
+        shard = (dist.rank, dist.world_size)
+    target = resolve_device(device) if dist is None else dist.device
     if isinstance(genotype, str):
         genotype = get_genotype(genotype)
     loaded = load_trained(path, genotype=genotype, channels=channels, layers=layers, map_location="cpu")
     model, spec = loaded.model, loaded.model.spec()
     name = dataset or loaded.dataset or "cifar10"
-    data_set = load_dataset(name, data, download=download)
+    # A download goes into one folder: rank 0 fetches it while the others wait.
+    with main_rank_first(dist) if download and dist is not None else contextlib.nullcontext():
+        data_set = load_dataset(name, data, download=download)
     shape = (spec["in_channels"], spec["num_classes"])
     if (data_set.in_channels, data_set.num_classes) != shape:
         raise FastDartsError(
@@ -259,7 +282,8 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = DeviceLoader(data_set.test, batch_size, device=target, mean=data_set.mean, std=data_set.std,
-                          shuffle=False)
-    result = evaluate(model, loader.epoch(0), bf16=bf16, channels_last=channels_last, max_steps=max_steps)
+                          shuffle=False, shard=shard)
+    result = evaluate(model, loader.epoch(0), bf16=bf16, channels_last=channels_last, max_steps=max_steps,
+                      dist=dist)
     return dict(result, **parameter_counts(model), dataset=name, source=loaded.source, epoch=loaded.epoch,
                 network=spec, bf16=bf16, channels_last=channels_last, device=str(target))

@@ -123,9 +123,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write to a temporary file, flush it to disk, then rename it over
     ``path``: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # an error or an interrupt mid-write leaves no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

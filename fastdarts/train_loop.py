@@ -13,9 +13,19 @@ end ``curves.png``. A resumed run ends with the same weights as an
 uninterrupted one (bit for bit on the CPU) because every random draw of an
 epoch (shuffling, crops, flips, cutout, drop-path masks) comes from a
 generator seeded by (seed, epoch).
+
+Under torchrun (SPEC §10) the network is wrapped in DistributedDataParallel
+and ``batch_size`` stays the global batch: each rank trains on its part of
+every batch of the single-process order, augmented exactly as the single
+process augments it, with drop-path masks from (seed, epoch, rank); BatchNorm
+normalises over each rank's part, which is why the number of ranks is part
+of a run's configuration (``world_size`` in the checkpoint: a resume with
+another is refused). The test set is shared out and the counts summed, and
+rank 0 alone writes files, logs and shows the progress bar.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -27,16 +37,18 @@ import torch.nn.functional as F
 
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
+from .distributed import (DistContext, all_reduce_sum_, barrier, broadcast_, collective_failures, data_parallel,
+                          launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
 from .evaluate import TRAIN_CHECKPOINT_FORMAT, WEIGHTS_FORMAT, autocast, evaluate
 from .genotype import Genotype, get_genotype
 from .layout import reduction_layout
-from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_device, resolve_fast_options, save_torch,
-                        seed_everything, set_lr, steps_per_epoch, write_jsonl)
+from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_fast_options, save_torch, seed_everything,
+                        set_lr, steps_per_epoch, write_jsonl)
 
 CHECKPOINT = "checkpoint.pt"
-# Pass number of the drop-path generator in mix_seed; the loader's passes are 0, 1, ...
+# Pass number of the drop-path generator in mix_seed (plus the rank); the loader's passes are 0, 1, ...
 _DROP_PATH_PASS = 1 << 20
 
 
@@ -127,10 +139,15 @@ def default_cutout(image_size: int) -> int:
     return 16 * image_size // 32
 
 
-def train_step(model: NetworkCIFAR, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               auxiliary_weight: float, grad_clip: float, bf16: bool):
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               auxiliary_weight: float, grad_clip: float, bf16: bool, loss_scale: float = 1.0):
     """One SGD step on a batch; returns the main head's logits and loss and
-    the auxiliary loss (None without the head), detached."""
+    the auxiliary loss (None without the head), detached.
+
+    ``model`` may be the network in DistributedDataParallel, which averages
+    the ranks' gradients during backward; ``loss_scale`` weights this rank's
+    part of a batch so that the average is the whole batch's mean gradient
+    when the parts differ in size (a short last batch)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(x.device, bf16):
         logits, logits_aux = model(x)
@@ -141,6 +158,8 @@ def train_step(model: NetworkCIFAR, optimizer: torch.optim.Optimizer, x: torch.T
     if logits_aux is not None:
         aux_loss = F.cross_entropy(logits_aux.float(), y)
         total = loss + auxiliary_weight * aux_loss
+    if loss_scale != 1.0:
+        total = total * loss_scale
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -150,10 +169,16 @@ def train_step(model: NetworkCIFAR, optimizer: torch.optim.Optimizer, x: torch.T
 class _Trainer:
     """The state of one training run; ``train()`` drives it."""
 
-    def __init__(self, config: TrainConfig, log: Callable[[str], None]):
+    def __init__(self, config: TrainConfig, log: Callable[[str], None], dist: DistContext):
         config = config.checked()
-        self.log = log
-        self.device = resolve_device(config.device)
+        self.dist = dist
+        per_rank = per_rank_batch(config.batch_size, dist.world_size)
+        if dist.distributed and config.auxiliary and per_rank == 1:
+            raise FastDartsError(f"batch-size {config.batch_size} gives each of the {dist.world_size} ranks one image "
+                                 f"per batch, which cannot train the auxiliary head (its BatchNorm sees 1x1 maps): "
+                                 f"use a batch of at least {2 * dist.world_size} or --no-auxiliary")
+        self.log = log if dist.is_main else _silent
+        self.device = dist.device
         bf16, channels_last = resolve_fast_options(self.device, config.bf16, config.channels_last)
         config = dataclasses.replace(config, bf16=bf16, channels_last=channels_last)
         self.out = Path(config.out)
@@ -167,7 +192,9 @@ class _Trainer:
             raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
 
         seed_everything(config.seed)
-        dataset = load_dataset(config.dataset, config.data, download=config.download)
+        # A download goes into one folder: rank 0 fetches it while the others wait.
+        with main_rank_first(dist) if config.download else contextlib.nullcontext():
+            dataset = load_dataset(config.dataset, config.data, download=config.download)
         reductions = sum(reduction_layout(config.layers))
         if dataset.image_size < 2 ** reductions:
             raise FastDartsError(
@@ -177,10 +204,12 @@ class _Trainer:
             config = dataclasses.replace(config, cutout=default_cutout(dataset.image_size))
         self.config = config
         self.dataset_name = dataset.name
-        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std)
+        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std,
+                      shard=(dist.rank, dist.world_size) if dist.distributed else None)
         self.train_loader = DeviceLoader(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
                                          crop_padding=dataset.crop_padding, flip=dataset.flip, cutout=config.cutout,
-                                         drop_last=self.drops_last_batch(len(dataset.train), config.batch_size),
+                                         drop_last=self.drops_last_batch(len(dataset.train), config.batch_size,
+                                                                         dist.world_size),
                                          **loader)
         self.test_loader = DeviceLoader(dataset.test, config.batch_size, shuffle=False, **loader)
 
@@ -197,17 +226,23 @@ class _Trainer:
                  f" ({count_parameters(self.model, True) / 1e6:.2f} M with the auxiliary head); "
                  f"{len(dataset.train)} training / {len(dataset.test)} test images of {dataset.name}; "
                  f"device {self.device}, bf16 {'on' if config.bf16 else 'off'}, "
-                 f"channels-last {'on' if config.channels_last else 'off'}")
+                 f"channels-last {'on' if config.channels_last else 'off'}"
+                 + (f"; {dist.world_size} ranks, {per_rank} images each per batch of {config.batch_size}"
+                    if dist.distributed else ""))
         if config.resume:
             self._load_checkpoint()
+        # After the resume: DDP starts every rank from rank 0's weights and buffers.
+        self.net = data_parallel(self.model, dist)
 
     @staticmethod
-    def drops_last_batch(n_train: int, batch_size: int) -> bool:
+    def drops_last_batch(n_train: int, batch_size: int, world_size: int = 1) -> bool:
         """Whether the training loader drops its last batch: only when that
-        batch would hold a single image, which BatchNorm cannot normalise in
-        training (the auxiliary head's maps are 1x1, so one image is one value
-        per channel). Other short last batches are kept, as the original does."""
-        return n_train > batch_size and n_train % batch_size == 1
+        batch would hold a single image (or, shared among ranks, give some rank
+        one or none), which BatchNorm cannot normalise in training (the
+        auxiliary head's maps are 1x1, so one image is one value per channel).
+        Other short last batches are kept, as the original does."""
+        last = n_train % batch_size
+        return n_train > batch_size and 0 < last and last // world_size < 2
 
     # -- files --------------------------------------------------------------
     def _weights(self, entry: dict) -> dict:
@@ -215,8 +250,12 @@ class _Trainer:
                     epoch=entry["epoch"], test_acc=entry["test_acc"],
                     state_dict={k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()})
 
+    def _result_defining(self) -> dict:
+        # The number of ranks decides the part of a batch each BatchNorm normalises over.
+        return dict(self.config.result_defining(), world_size=self.dist.world_size)
+
     def _save(self, entry: dict) -> None:
-        state = dict(format=TRAIN_CHECKPOINT_FORMAT, config=self.config.result_defining(),
+        state = dict(format=TRAIN_CHECKPOINT_FORMAT, config=self._result_defining(),
                      device_type=self.device.type, network=self.model.spec(), dataset=self.dataset_name,
                      model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), history=self.history)
         weights = self._weights(entry)
@@ -234,7 +273,8 @@ class _Trainer:
         state = read_torch(path, self.device)
         if not isinstance(state, dict) or state.get("format") != TRAIN_CHECKPOINT_FORMAT:
             raise FastDartsError(f"{path} is not a fastdarts training checkpoint")
-        ours, theirs = self.config.result_defining(), state["config"]
+        ours, theirs = self._result_defining(), dict(state["config"])
+        theirs.setdefault("world_size", 1)  # written before runs could span processes
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items()
                 if theirs.get(k) != v and k != "genotype"]
         if theirs.get("genotype") != ours["genotype"]:
@@ -242,8 +282,14 @@ class _Trainer:
         # CPU and CUDA generators draw different crops, masks and shuffles from the same seed.
         if state.get("device_type") != self.device.type:
             diff.append(f"device type: checkpoint {state.get('device_type')!r} vs now {self.device.type!r}")
+        hint, world = "", theirs["world_size"]
+        if world != ours["world_size"]:
+            hint = (f": the number of processes decides the part of a batch each BatchNorm normalises over, so "
+                    f"resume it with {world} processes (torchrun --nproc_per_node {world})"
+                    if world != 1 else ": resume it without torchrun")
         if diff:
-            raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})")
+            raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})"
+                                 + hint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
@@ -254,14 +300,16 @@ class _Trainer:
         return steps_per_epoch(len(loader), self.config.max_steps)
 
     def _train_epoch(self, epoch: int) -> dict:
-        cfg, model = self.config, self.model
-        model.train()
+        cfg, model, dist = self.config, self.model, self.dist
+        self.net.train()
         model.drop_path_prob = cfg.drop_path_prob * epoch / cfg.epochs
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(mix_seed(cfg.seed, epoch, _DROP_PATH_PASS))
+        # Rank 0 draws the single process's masks; the others their own, equally replayable.
+        generator.manual_seed(mix_seed(cfg.seed, epoch, _DROP_PATH_PASS + dist.rank))
         model.drop_path_generator = generator
         n_steps = self._steps(self.train_loader)
-        progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}",
+                                 cfg.progress and dist.is_main)
         aux_sum = torch.zeros((), device=self.device)
         try:
             for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
@@ -269,22 +317,29 @@ class _Trainer:
                     break
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                logits, loss, aux_loss = train_step(model, self.optimizer, x, y, auxiliary_weight=cfg.auxiliary_weight,
-                                                    grad_clip=cfg.grad_clip, bf16=cfg.bf16)
+                scale = dist.world_size * len(y) / self.train_loader.batch_images(step) if dist.distributed else 1.0
+                logits, loss, aux_loss = train_step(self.net, self.optimizer, x, y,
+                                                    auxiliary_weight=cfg.auxiliary_weight, grad_clip=cfg.grad_clip,
+                                                    bf16=cfg.bf16, loss_scale=scale)
                 if aux_loss is not None:
                     aux_sum += aux_loss * len(y)
                 progress.update(logits, y, loss)
         finally:
             progress.close()
             model.drop_path_generator = None
+        if dist.distributed:  # the epoch's figures over every rank's images
+            seen = torch.tensor(progress.seen, device=self.device)
+            all_reduce_sum_([progress.loss_sum, progress.correct, seen, aux_sum])
+            progress.seen = int(seen.item())
         entry = progress.summary()
         if cfg.auxiliary:
             entry["aux_loss"] = aux_sum.item() / progress.seen
         return entry
 
     def run(self, on_epoch_end: Callable[[dict], None] | None) -> TrainResult:
-        cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        cfg, dist = self.config, self.dist
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         for epoch in range(len(self.history), cfg.epochs):
             start = time.perf_counter()
             lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
@@ -292,12 +347,15 @@ class _Trainer:
             train_metrics = self._train_epoch(epoch)
             # The probability the epoch's forward passes used, as _train_epoch set it.
             entry = dict(epoch=epoch + 1, lr=lr, drop_path_prob=self.model.drop_path_prob, **train_metrics)
+            # Every rank tests rank 0's BatchNorm statistics: the ones its files hold.
+            broadcast_(list(self.model.buffers()))
             test = evaluate(self.model, self.test_loader.epoch(0), bf16=cfg.bf16, channels_last=cfg.channels_last,
-                            max_steps=self._steps(self.test_loader))
+                            max_steps=self._steps(self.test_loader), dist=dist)
             entry.update(test_loss=test["loss"], test_acc=test["top1"], test_top5=test["top5"],
                          seconds=time.perf_counter() - start)
             self.history.append(entry)
-            self._save(entry)
+            if dist.is_main:
+                self._save(entry)
             best = max(h["test_acc"] for h in self.history)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  drop_path {entry['drop_path_prob']:.3f}  "
                      f"train_loss {entry['train_loss']:.4f}  train_acc {entry['train_acc']:.2f}  "
@@ -312,7 +370,9 @@ class _Trainer:
 
         if not self.history:
             raise FastDartsError("the run has no finished epoch")
-        curves = plot_learning_curves(self.history, self.out / "curves.png")
+        curves = plot_learning_curves(self.history, self.out / "curves.png") if self.dist.is_main else None
+        # No rank returns before rank 0's files are complete: what comes next may read them.
+        barrier(self.dist)
         last = self.history[-1]
         best = max(self.history, key=lambda h: h["test_acc"])
         self.log(f"final test accuracy {last['test_acc']:.2f}% (top-5 {last['test_top5']:.2f}%) after epoch "
@@ -323,13 +383,28 @@ class _Trainer:
                            best_test_acc=best["test_acc"], parameters=self.parameters, model=self.model)
 
 
+def _silent(_: str) -> None:
+    pass
+
+
 def train(config: TrainConfig | None = None, *, on_epoch_end: Callable[[dict], None] | None = None,
-          log: Callable[[str], None] = print, **overrides) -> TrainResult:
+          log: Callable[[str], None] = print, dist: DistContext | None = None, **overrides) -> TrainResult:
     """Train a genotype's network from scratch and write its results to ``config.out``.
 
     ``train(genotype="DARTS_V2", dataset="digits", layers=5, channels=8, epochs=5)``
     overrides single fields of the default ``TrainConfig``. ``on_epoch_end`` is
-    called with each epoch's metrics after its checkpoint is written.
+    called (on every rank) with each epoch's metrics after its checkpoint is written.
+
+    ``dist``: the process's place in a multi-process run; None takes it from
+    the process group already initialised, else from torchrun's environment
+    for the length of the run (``fastdarts.distributed.launch``), else a
+    single process; its device is the run's (``config.device`` only when
+    None). Only rank 0 logs. A collective that fails because another rank
+    stopped or hung raises ``distributed.RankLost``.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
-    return _Trainer(config, log).run(on_epoch_end)
+    if dist is None:
+        with launch(config.device) as dist:
+            return train(config, on_epoch_end=on_epoch_end, log=log, dist=dist)
+    with collective_failures(dist):
+        return _Trainer(config, log, dist).run(on_epoch_end)

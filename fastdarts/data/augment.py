@@ -3,6 +3,11 @@
 Each function treats a whole batch at once (no per-image Python loop, no trip
 to the CPU) and draws its randomness from an explicit ``torch.Generator`` on
 that device, so a pass can be replayed exactly from its seed.
+
+``part_of=(start, total)`` says that ``x`` holds samples ``start ..
+start + len(x) - 1`` of a batch of ``total``: the draws are made for the
+whole batch and only this part's are used, so one rank of a multi-process
+run augments its share of a batch exactly as a single process would.
 """
 from __future__ import annotations
 
@@ -17,7 +22,16 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def _draw_rows(x: torch.Tensor, part_of: tuple[int, int] | None) -> tuple[int, slice]:
+    """How many samples to draw for, and which of the draws are ``x``'s."""
+    if part_of is None:
+        return x.shape[0], slice(None)
+    start, total = part_of
+    return total, slice(start, start + x.shape[0])
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator,
+                part_of: tuple[int, int] | None = None) -> torch.Tensor:
     """Zero-pad by ``padding`` then crop back to H x W at a random offset per sample.
 
     As torchvision's ``RandomCrop(size, padding)`` before normalisation: the
@@ -26,7 +40,8 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     if padding == 0:
         return x
     n, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=x.device)
+    draws, rows = _draw_rows(x, part_of)
+    offsets = torch.randint(0, 2 * padding + 1, (2, draws), generator=generator, device=x.device)[:, rows]
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -35,9 +50,10 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return padded[batch, channel, rows, cols]
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_flip(x: torch.Tensor, generator: torch.Generator, part_of: tuple[int, int] | None = None) -> torch.Tensor:
     """Mirror each sample horizontally with probability 0.5."""
-    mask = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    draws, rows = _draw_rows(x, part_of)
+    mask = torch.rand(draws, generator=generator, device=x.device)[rows] < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -48,7 +64,8 @@ def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequen
     return (x - mean) / std
 
 
-def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator,
+           part_of: tuple[int, int] | None = None) -> torch.Tensor:
     """Zero a ``size`` x ``size`` square per sample, as DARTS' ``Cutout`` (applied after normalisation).
 
     The centre is uniform over the image, so the square may be clipped by the
@@ -56,9 +73,10 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     """
     if size == 0:
         return x
-    n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n, 1), generator=generator, device=x.device)
-    cx = torch.randint(0, w, (n, 1), generator=generator, device=x.device)
+    _, _, h, w = x.shape
+    draws, rows = _draw_rows(x, part_of)
+    cy = torch.randint(0, h, (draws, 1), generator=generator, device=x.device)[rows]
+    cx = torch.randint(0, w, (draws, 1), generator=generator, device=x.device)[rows]
     ys = torch.arange(h, device=x.device)
     xs = torch.arange(w, device=x.device)
     half = size // 2

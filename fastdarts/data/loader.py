@@ -3,6 +3,14 @@
 Randomness (permutation, crops, flips, cutout) comes from a generator seeded
 by a fixed function of (seed, epoch, pass), never from global RNG state, so a
 resumed run replays exactly the passes of the uninterrupted one.
+
+With ``shard=(rank, world_size)`` a loader yields rank's contiguous part of
+every batch of the single-process order (``shard_bounds``), augmented as the
+single process augments it: every rank draws the permutation and the whole
+batch's crops, flips and cutouts from the same generator and keeps its own
+part. The ranks' parts, concatenated in rank order, are the single-process
+batch, bit for bit; a part may be empty when a short last batch has fewer
+images than there are ranks.
 """
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..distributed import shard_bounds
 from ..errors import FastDartsError
 from .dataset import ImageSet
 from .augment import cutout as apply_cutout
@@ -41,6 +50,7 @@ class DeviceLoader:
         cutout: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise FastDartsError(f"batch size {batch_size} is not positive: pass a batch size of at least 1")
@@ -49,6 +59,8 @@ class DeviceLoader:
             raise FastDartsError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images: give one per channel")
         if crop_padding < 0 or cutout < 0:
             raise FastDartsError(f"crop padding {crop_padding} and cutout {cutout} must not be negative")
+        if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise FastDartsError(f"shard {shard} is not (rank, world_size) with 0 <= rank < world_size")
         self.device = torch.device(device)
         on_device = images.to(self.device)
         self.images, self.labels = on_device.images, on_device.labels
@@ -59,14 +71,20 @@ class DeviceLoader:
         self.cutout = cutout
         self.seed = seed
         self.drop_last = drop_last
+        self.shard = shard
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device)
         if len(self) == 0:
             raise FastDartsError(f"{len(images)} images make no batch of {batch_size} with drop_last: lower the batch size")
 
     def __len__(self) -> int:
+        """Batches per pass (whole batches: a shard's parts are counted once)."""
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batch_images(self, i: int) -> int:
+        """Images in batch ``i`` of a pass, over all shards (the last may be short)."""
+        return min(self.batch_size, len(self.labels) - i * self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over the set, identical whenever ``epoch`` is replayed."""
@@ -89,10 +107,15 @@ class DeviceLoader:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            part_of = None
+            if self.shard is not None:
+                start, stop = shard_bounds(len(index), *self.shard)
+                part_of = (start, len(index))
+                index = index[start:stop]
             x = to_float(self.images[index])
-            x = random_crop(x, self.crop_padding, generator)
+            x = random_crop(x, self.crop_padding, generator, part_of)
             if self.flip:
-                x = random_flip(x, generator)
+                x = random_flip(x, generator, part_of)
             x = normalize(x, self._mean, self._std)
-            x = apply_cutout(x, self.cutout, generator)
+            x = apply_cutout(x, self.cutout, generator, part_of)
             yield x, self.labels[index]
