@@ -18,7 +18,7 @@ weights the network never takes, and only the weight step should move them.
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -63,10 +63,15 @@ class Architect:
             step reads its learning rate, momentum, weight decay and momentum
             buffers, so it always unrolls the step the weights really take.
         order: ``"first"`` or ``"second"``.
+        grad_reduce: in a multi-process run, averages a list of gradients
+            over the ranks in place (``distributed.all_reduce_mean_``): the
+            weights' train gradient before the virtual step, ∇w'L_val before
+            ε, and the architecture gradient once; None in one process.
     """
 
     def __init__(self, model: SearchModel, weight_optimizer: torch.optim.SGD, order: str = "second",
-                 lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3):
+                 lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3,
+                 grad_reduce: Callable[[list[torch.Tensor]], None] | None = None):
         if order not in ("first", "second"):
             raise ValueError(f"order must be 'first' or 'second', got {order!r}")
         groups = weight_optimizer.param_groups
@@ -79,6 +84,7 @@ class Architect:
         self.model = model
         self.weight_optimizer = weight_optimizer
         self.order = order
+        self.grad_reduce = grad_reduce or (lambda tensors: None)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
     def step(self, x_train, y_train, x_val, y_val) -> torch.Tensor:
@@ -105,7 +111,9 @@ class Architect:
             if self.order == "first":
                 with frozen(self.model.weight_parameters()):
                     loss = self.model.loss(x_val, y_val)
-                    return _grads(loss, self.model.arch_parameters()), loss.detach()
+                    grads = _grads(loss, self.model.arch_parameters())
+                self.grad_reduce(grads)
+                return grads, loss.detach()
             return self._second_order(x_train, y_train, x_val, y_val)
         finally:
             with torch.no_grad():
@@ -134,10 +142,13 @@ class Architect:
             # w' = one virtual SGD step on the train batch.
             with frozen(alphas):
                 train_loss = model.loss(x_train, y_train)
-            self._virtual_step(weights, _grads(train_loss, weights))
+            train_grads = _grads(train_loss, weights)
+            self.grad_reduce(train_grads)  # every rank takes the same virtual step
+            self._virtual_step(weights, train_grads)
             val_loss = model.loss(x_val, y_val)
             grads = _grads(val_loss, alphas + weights)
             d_alpha, v = grads[: len(alphas)], grads[len(alphas):]
+            self.grad_reduce(v)  # so ε and w± are the same on every rank
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v]))
             # ε = 0.01/‖v‖ on the device (an `if norm == 0` would synchronise). For
             # v = 0 the floor keeps ε finite: w± = w, so the difference term is 0.
@@ -154,6 +165,7 @@ class Architect:
 
             g_plus, g_minus = train_alpha_grad(+1.0), train_alpha_grad(-1.0)
             d_alpha = [d - xi * (gp - gm) / (2 * eps) for d, gp, gm in zip(d_alpha, g_plus, g_minus)]
+            self.grad_reduce(d_alpha)  # linear in the per-rank terms: one all-reduce for all of them
             return d_alpha, val_loss.detach()
         finally:
             with torch.no_grad():

@@ -181,16 +181,19 @@ def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None, *
         return 130, None
 
 
-def _run_distributed(prog: str, action: Callable[[distributed.DistContext], Any], *, device: str, batch_size: int,
-                     resume_from: str | None = None) -> tuple[int, Any]:
+def _run_distributed(prog: str, action: Callable[[distributed.DistContext], Any], *, device: str,
+                     batch_size: int | Callable[[], int], resume_from: str | None = None) -> tuple[int, Any]:
     """``_run`` of ``action(context)`` in the process group torchrun's
     environment describes (a single process without torchrun). The global
-    batch is checked first, before any rank waits for the others."""
+    batch (or the function that validates the configuration and returns it)
+    is checked first, before any rank waits for the others; only rank 0 says
+    what is wrong."""
     status, place = _run(prog, distributed.launch_env)
     if status:
         return status, None
     rank, world_size = place
-    status, _ = _run(prog, lambda: distributed.per_rank_batch(batch_size, world_size), quiet=rank != 0)
+    status, _ = _run(prog, lambda: distributed.per_rank_batch(batch_size() if callable(batch_size) else batch_size,
+                                                              world_size), quiet=rank != 0)
     if status:
         return status, None
 
@@ -205,7 +208,9 @@ def _run_distributed(prog: str, action: Callable[[distributed.DistContext], Any]
 
 def search_main(argv: Sequence[str] | None = None) -> int:
     config = SearchConfig(**vars(search_parser().parse_args(argv)))
-    return _run("fastdarts-search", lambda: search(config), resume_from=config.out)[0]
+    # search() takes its place in the process group that _run_distributed set up.
+    return _run_distributed("fastdarts-search", lambda context: search(config), device=config.device,
+                            batch_size=lambda: config.checked().batch_size, resume_from=config.out)[0]
 
 
 def genotype_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,18 @@ step on the weights (SPEC §2). After every epoch the run writes a checkpoint
 continues from the checkpoint and ends with the same α as an uninterrupted
 run, because every random draw of an epoch (shuffling, augmentation) comes
 from a generator seeded by (seed, epoch), not from state that a crash loses.
+
+Under torchrun (SPEC §10) every rank runs this loop on its shard of each
+global batch (``--batch-size`` is global; passes of the weight and
+architecture halves drop a short last batch, so every rank's shard is
+equal). DistributedDataParallel does not fit the architect
+(``autograd.grad``, frozen parameters), so gradients are averaged with
+explicit all-reduces (``Architect(grad_reduce=...)``): every rank then holds
+the same weights and α after every step. BatchNorm statistics stay per
+rank within an epoch; at its end every rank takes rank 0's (the ones
+checkpointed) before validating. Validation figures are reduced
+exactly (sums of losses and of correct predictions); rank 0 alone writes
+files, logs and shows progress. The world size is result-defining.
 """
 from __future__ import annotations
 
@@ -22,6 +34,8 @@ import torch.nn.functional as F
 from .architect import Architect, frozen
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
+from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrier, broadcast_, collective_failures,
+                          launch, per_rank_batch)
 from .errors import FastDartsError
 from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
@@ -224,7 +238,9 @@ def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: to
     """One DARTS step: Adam on α (first or second order; skipped when not
     ``arch_step``, as in a warm-up epoch), then SGD on the weights. Returns
     the train logits and loss and the validation loss (None without an
-    architecture step), detached."""
+    architecture step), detached. In a multi-process run the architect's
+    ``grad_reduce`` also averages the weights' gradient over the ranks,
+    before clipping."""
     x, y = train_batch
     arch_loss = architect.step(x, y, *val_batch) if arch_step else None
     weight_optimizer.zero_grad(set_to_none=True)
@@ -232,6 +248,7 @@ def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: to
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
+    architect.grad_reduce([p.grad for p in model.weight_parameters()])
     torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
     weight_optimizer.step()
     return logits.detach(), loss.detach(), arch_loss
@@ -277,10 +294,12 @@ class _Searcher:
     (``--stages``) is a sequence of stages, each a new supernet with its own
     optimisers; the checkpoint holds the current stage's."""
 
-    def __init__(self, config: SearchConfig, log: Callable[[str], None]):
+    def __init__(self, config: SearchConfig, log: Callable[[str], None], dist: DistContext):
         config = config.checked()
-        self.config, self.log = config, log
-        self.device = resolve_device(config.device)
+        self.config, self.dist = config, dist
+        self.log = log if dist.is_main else (lambda _: None)
+        per_rank = per_rank_batch(config.batch_size, dist.world_size)
+        self.device = dist.device
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT
         if self.checkpoint_path.exists() and not config.resume:
@@ -306,8 +325,10 @@ class _Searcher:
                     f"{dataset.image_size.bit_length() - 1}")
         # Moved once: the loaders of the architecture half then share one copy on the device.
         train_set, val_set = (part.to(self.device) for part in dataset.search_split(config.train_portion))
-        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std)
-        augment = dict(crop_padding=dataset.crop_padding, flip=dataset.flip)
+        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std,
+                      shard=(dist.rank, dist.world_size) if dist.distributed else None)
+        # Shards of equal size (the all-reduces average per-rank means): whole global batches only.
+        augment = dict(crop_padding=dataset.crop_padding, flip=dataset.flip, drop_last=dist.distributed)
         self.train_loader = DeviceLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
                                          **augment, **loader)
         self.arch_loader = DeviceLoader(val_set, config.batch_size, shuffle=True, seed=config.seed + 1,
@@ -319,11 +340,13 @@ class _Searcher:
         self._build_stage(0, full_edge_ops(config.ops.split(","), num_edges(config.steps)), reseed=False)
         # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
         self.kernels = kernel_backend(self.device) if config.backend == "fused" else None
-        log(f"method: {config.method} ({config.summary()})")
+        self.log(f"method: {config.method} ({config.summary()})")
+        if dist.distributed:
+            self.log(f"{dist.world_size} ranks, {per_rank} images each per batch of {config.batch_size}")
         if config.sample_paths == 1:
-            log("note: with --sample-paths 1 the architecture gradient Σ_j g_j q_j (δ_ij − q_i) over one path is "
+            self.log("note: with --sample-paths 1 the architecture gradient Σ_j g_j q_j (δ_ij − q_i) over one path is "
                 "zero, so α moves only by weight decay; ProxylessNAS samples 2")
-        log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
+        self.log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
             f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
         self.history: list[dict] = []
         if config.resume:
@@ -340,14 +363,27 @@ class _Searcher:
         self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=cfg.lr,
                                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.architect = Architect(self.model, self.weight_optimizer, order=cfg.order, lr=cfg.arch_lr,
-                                   weight_decay=cfg.arch_weight_decay)
+                                   weight_decay=cfg.arch_weight_decay,
+                                   grad_reduce=all_reduce_mean_ if self.dist.distributed else None)
+        self._broadcast_model()
         # Softmax(α) before the stage's first epoch: what that epoch's ranking is compared with.
         self.initial_alphas = self.model.alpha_weights()
 
+    def _broadcast_model(self) -> None:
+        """Every rank starts from rank 0's weights, α and buffers (equal anyway: same seed or checkpoint)."""
+        if self.dist.distributed:
+            broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
+
     # -- checkpoints --------------------------------------------------------
+    def _result_defining(self) -> dict:
+        """The configuration a resume must match: the config's fields and the world size."""
+        return dict(self.config.result_defining(), world_size=self.dist.world_size)
+
     def _save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
         stage = dict(index=self.stage, layout=self.stages[self.stage][0], edge_ops=self.edge_ops)
-        state = dict(format=CHECKPOINT_FORMAT, config=self.config.result_defining(), device_type=self.device.type,
+        state = dict(format=CHECKPOINT_FORMAT, config=self._result_defining(), device_type=self.device.type,
                      backend=self.config.backend, kernels=self.kernels, stage=stage, model=self.model.state_dict(),
                      weight_optimizer=self.weight_optimizer.state_dict(),
                      arch_optimizer=self.architect.optimizer.state_dict(), history=self.history)
@@ -358,9 +394,13 @@ class _Searcher:
         state = read_torch(path, self.device)  # a truncated or foreign file: one line naming it
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
-        ours = self.config.result_defining()
-        theirs = {**_LEGACY_FIELDS, **state["config"]}
+        ours = self._result_defining()
+        theirs = {**_LEGACY_FIELDS, "world_size": 1, **state["config"]}
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+        if theirs["world_size"] != ours["world_size"]:
+            diff.append(f"the world size sets the per-rank batch BatchNorm sees: resume with torchrun "
+                        f"--nproc_per_node {theirs['world_size']}" if theirs["world_size"] > 1 else
+                        "the world size sets the per-rank batch BatchNorm sees: resume without torchrun")
         # CPU and CUDA generators draw different crops and shuffles from the same seed.
         if state.get("device_type") != self.device.type:
             diff.append(f"device type: checkpoint {state.get('device_type')!r} vs now {self.device.type!r}")
@@ -373,12 +413,14 @@ class _Searcher:
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.architect.optimizer.load_state_dict(state["arch_optimizer"])
         self.history = list(state["history"])
+        self._broadcast_model()
         where = f"stage {self.stage + 1}/{len(self.stages)}, " if self.staged else ""
         self.log(f"resumed from {path} after epoch {len(self.history)} ({where}{self.config.epochs} epochs"
                  f"{' per stage' if self.staged else ''})")
 
     def _write_metrics(self) -> None:
-        write_jsonl(self.out / "metrics.jsonl", self.history)
+        if self.dist.is_main:
+            write_jsonl(self.out / "metrics.jsonl", self.history)
 
     # -- where the run stands -----------------------------------------------------
     def _position(self) -> tuple[int, int] | None:
@@ -407,10 +449,12 @@ class _Searcher:
         dropout = self._skip_dropout(stage_epoch)
         model.set_skip_dropout(dropout)
         if dropout is not None:
-            # The dropout masks come from the global generator: seeded per epoch, so a resumed run draws the same.
-            torch.manual_seed(mix_seed(cfg.seed, epoch, _DROPOUT_PASS))
+            # The dropout masks come from the global generator: seeded per epoch (and rank: each its own
+            # masks), so a resumed run draws the same.
+            torch.manual_seed(mix_seed(cfg.seed, epoch, _DROPOUT_PASS + self.dist.rank))
         where = f"stage {self.stage + 1}/{len(self.stages)} " if self.staged else ""
-        progress = EpochProgress(self.device, n_steps, f"{where}epoch {stage_epoch + 1}/{cfg.epochs}", cfg.progress)
+        progress = EpochProgress(self.device, n_steps, f"{where}epoch {stage_epoch + 1}/{cfg.epochs}",
+                                 cfg.progress and self.dist.is_main)
         arch_loss_sum = torch.zeros((), device=self.device)
         for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
             if step >= n_steps:
@@ -423,6 +467,11 @@ class _Searcher:
                 arch_loss_sum += arch_loss
             progress.update(logits, y, loss)
         progress.close()
+        if self.dist.distributed:  # the epoch's figures over every rank's images
+            seen = torch.tensor(progress.seen, device=self.device)
+            all_reduce_sum_([progress.loss_sum, progress.correct, seen, arch_loss_sum])
+            progress.seen = int(seen.item())
+            arch_loss_sum /= self.dist.world_size  # of per-rank means
         return dict(**progress.summary(), arch_step=arch_step,
                     arch_loss=arch_loss_sum.item() / n_steps if arch_step else None,
                     **({"skip_dropout": dropout} if self.staged else {}))
@@ -436,7 +485,11 @@ class _Searcher:
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
-        """Loss and accuracy on the architecture half, eval mode, no augmentation."""
+        """Loss and accuracy on the architecture half, eval mode, no augmentation.
+        Every rank evaluates with rank 0's BatchNorm statistics, the ones the
+        checkpoint holds, so a resumed run goes on exactly as an uninterrupted one."""
+        if self.dist.distributed:
+            broadcast_(list(self.model.buffers()))
         self.model.eval()
         n_steps = self._steps(self.eval_loader)
         loss_sum = torch.zeros((), device=self.device)
@@ -450,10 +503,15 @@ class _Searcher:
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         self.model.train()
+        if self.dist.distributed:  # exact: sums over every rank's shard
+            images = torch.tensor(seen, device=self.device)
+            all_reduce_sum_([loss_sum, correct, images])
+            seen = int(images.item())
         return dict(val_loss=loss_sum.item() / seen, val_acc=100 * correct.item() / seen)
 
     def run(self, on_epoch_end: Callable[[dict], None] | None) -> SearchResult:
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         position = self._position()
         if position is None and self.history[-1].get("stopped"):
             self.log(f"this search has finished: it stopped after epoch {len(self.history)} "
@@ -466,7 +524,7 @@ class _Searcher:
             if on_epoch_end is not None:
                 on_epoch_end(entry)
             position = self._position()
-            if self.staged and (position is None or position[0] != self.stage):
+            if self.staged and self.dist.is_main and (position is None or position[0] != self.stage):
                 self._plot_alphas(self.out / f"alphas_stage{self.stage + 1}.png")
         return self._finish()
 
@@ -490,7 +548,7 @@ class _Searcher:
                      skip_connects=skip_connects(genotype),
                      **rank_measures(previous["alphas"] if previous else self.initial_alphas, alphas,
                                      self.edge_ops, previous.get("rank_unchanged_epochs", 0) if previous else 0),
-                     config=cfg.result_defining())
+                     config=self._result_defining())
         stopped = stop_reason(self.criteria, entry)
         entry.update(stopped=stopped, seconds=time.perf_counter() - start)
         last_stage = self.stage + 1 == len(self.stages)
@@ -501,6 +559,8 @@ class _Searcher:
         # Metrics first: a crash between the two never leaves a checkpoint newer than them.
         self._write_metrics()
         self._save_checkpoint()
+        # Every rank goes on (or stops, and may resume at once) only once rank 0's checkpoint is there.
+        barrier(self.dist)
         where = f"stage {self.stage + 1}/{len(self.stages)} ({self.stages[self.stage][1]} ops) " if self.staged else ""
         self.log(f"{where}epoch {stage_epoch + 1}/{cfg.epochs}  lr {lr:.5f}  train_acc {entry['train_acc']:.2f}  "
                  f"val_acc {entry['val_acc']:.2f}  alpha_entropy normal {entropy['normal']:.4f} "
@@ -541,10 +601,14 @@ class _Searcher:
 
         cfg = self.config
         genotype = self.model.genotype(max_skip=cfg.max_skip)
-        genotype.save(self.out / "genotype.json")
-        (self.out / "genotype.txt").write_text(str(genotype) + "\n")
-        pictures = plot_genotype(genotype, self.out)
-        self._plot_alphas(self.out / "alphas.png")
+        pictures = []
+        if self.dist.is_main:
+            genotype.save(self.out / "genotype.json")
+            (self.out / "genotype.txt").write_text(str(genotype) + "\n")
+            pictures = plot_genotype(genotype, self.out)
+            self._plot_alphas(self.out / "alphas.png")
+        # No rank returns before rank 0's files are complete: what comes next may read them.
+        barrier(self.dist)
         stopped = self.history[-1].get("stopped") if self.history else None
         limited = cfg.max_skip is not None and genotype != self.model.genotype()
         self.log(f"searched genotype{f' (epoch {len(self.history)}, {stopped})' if stopped else ''}"
@@ -555,12 +619,18 @@ class _Searcher:
 
 
 def search(config: SearchConfig | None = None, *, on_epoch_end: Callable[[dict], None] | None = None,
-           log: Callable[[str], None] = print, **overrides) -> SearchResult:
+           log: Callable[[str], None] = print, dist: DistContext | None = None, **overrides) -> SearchResult:
     """Run a DARTS search and write its results to ``config.out``.
 
     ``search(dataset="digits", epochs=1, out="runs/demo")`` overrides single
     fields of the default ``SearchConfig``. ``on_epoch_end`` is called with each
-    epoch's metrics after its checkpoint is written.
+    epoch's metrics after its checkpoint is written. ``dist``: the process's
+    place in a multi-process run; None takes it from an existing process
+    group or torchrun's environment (a single process without either).
     """
     config = dataclasses.replace(config or SearchConfig(), **overrides)
-    return _Searcher(config, log).run(on_epoch_end)
+    if dist is None:
+        with launch(config.device) as dist:
+            return search(config, on_epoch_end=on_epoch_end, log=log, dist=dist)
+    with collective_failures(dist):
+        return _Searcher(config, log, dist).run(on_epoch_end)
