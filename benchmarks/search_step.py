@@ -147,7 +147,8 @@ def build_search(backend: str, order: str, ops: str, channels: int, layers: int,
                           recompute=recompute, **{k: preset[k] for k in METHOD_NETWORK_OPTIONS}).to(device)
     model.start_epoch(0, 0)  # seeds path sampling's draws; nothing for the other methods
     sgd = torch.optim.SGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
-    architect = Architect(model, sgd, order=order, lr=preset["arch_lr"], weight_decay=preset["arch_weight_decay"])
+    architect = Architect(model, sgd, order=order, lr=preset["arch_lr"], weight_decay=preset["arch_weight_decay"],
+                          betas=(preset["arch_beta1"], 0.999))
     shape = (batch_size, 3, image_size, image_size)
     # Pixel values do not change time or memory; random batches keep the benchmark offline.
     batches = [(torch.randn(shape, device=device), torch.randint(0, 10, (batch_size,), device=device))

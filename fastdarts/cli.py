@@ -133,6 +133,8 @@ def search_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
     opt.add_argument("--arch-lr", type=float, default=None, help=_by_method("arch_lr"))
     opt.add_argument("--arch-weight-decay", type=float, default=None, help=_by_method("arch_weight_decay"))
+    opt.add_argument("--arch-beta1", type=float, default=None,
+                     help="Adam's β1 on α (β2 is 0.999) " + _by_method("arch_beta1"))
     run = p.add_argument_group("run")
     run.add_argument("--backend", choices=list(MIXED_OP_BACKENDS), default=d.backend,
                      help="mixed-op implementation: fused (memory-lean kernels), reference (the original "

@@ -84,6 +84,7 @@ class SearchConfig:
     grad_clip: float = 5.0
     arch_lr: float | None = None
     arch_weight_decay: float | None = None
+    arch_beta1: float | None = None    # Adam's β1 on α (β2 is 0.999)
     order: str | None = None
     partial_channels: int | None = None   # PC-DARTS' K (1: all channels)
     edge_norm: bool | None = None         # PC-DARTS' edge normalisation (β)
@@ -129,6 +130,8 @@ class SearchConfig:
         for name in ("lr", "arch_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise FastDartsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.arch_beta1 < 1:
+            raise FastDartsError(f"arch-beta1 must be in [0, 1), got {self.arch_beta1!r}")
         for name in ("lr_min", "momentum", "weight_decay", "arch_weight_decay"):
             if not getattr(self, name) >= 0:
                 raise FastDartsError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)!r}")
@@ -200,7 +203,8 @@ class SearchConfig:
 
 # What a checkpoint written before the methods existed ran: DARTS.
 _LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
-                      aux_skip=False, early_stop=None, stages=None, skip_dropout=None, max_skip=None)
+                      aux_skip=False, early_stop=None, stages=None, skip_dropout=None, max_skip=None,
+                      arch_beta1=0.5)
 
 
 @dataclass
@@ -363,7 +367,7 @@ class _Searcher:
         self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=cfg.lr,
                                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.architect = Architect(self.model, self.weight_optimizer, order=cfg.order, lr=cfg.arch_lr,
-                                   weight_decay=cfg.arch_weight_decay,
+                                   weight_decay=cfg.arch_weight_decay, betas=(cfg.arch_beta1, 0.999),
                                    grad_reduce=all_reduce_mean_ if self.dist.distributed else None)
         self._broadcast_model()
         # Softmax(α) before the stage's first epoch: what that epoch's ranking is compared with.

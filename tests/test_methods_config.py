@@ -23,6 +23,7 @@ def test_darts_preset_is_the_paper():
     assert (c.method, c.batch_size, c.epochs, c.lr, c.lr_min, c.arch_lr, c.arch_weight_decay, c.order) == \
         ("darts", 64, 50, 0.025, 0.001, 3e-4, 1e-3, "second")
     assert (c.partial_channels, c.edge_norm, c.sample_paths, c.arch_warmup_epochs) == (1, False, 0, 0)
+    assert c.arch_beta1 == 0.5  # Adam betas (0.5, 0.999) on α
 
 
 def test_pc_darts_preset_is_the_papers_cifar10_search():
@@ -33,7 +34,22 @@ def test_pc_darts_preset_is_the_papers_cifar10_search():
 
 def test_proxyless_preset():
     c = SearchConfig(method="proxyless").checked()
-    assert (c.sample_paths, c.order, c.arch_lr, c.arch_weight_decay) == (2, "first", 1e-3, 0.0)
+    assert (c.sample_paths, c.order, c.arch_lr, c.arch_weight_decay, c.arch_beta1) == (2, "first", 1e-3, 0.0, 0.0)
+
+
+def test_the_architects_adam_takes_the_methods_beta1(tmp_path):
+    # ProxylessNAS' Adam on α has betas (0, 0.999); an explicit --arch-beta1 wins; out of [0, 1) is refused.
+    from fastdarts.search_loop import _Searcher
+    from fastdarts.distributed import DistContext
+
+    for argv, beta1 in ((["--method", "proxyless"], 0.0), (["--method", "proxyless", "--arch-beta1", "0.3"], 0.3),
+                        ([], 0.5)):
+        args = vars(search_parser().parse_args(argv + ["--dataset", "digits", "--layout", "N,R,N", "--channels", "4",
+                                                       "--out", str(tmp_path / str(beta1)), "--device", "cpu"]))
+        searcher = _Searcher(SearchConfig(**args), _quiet, DistContext())
+        assert searcher.architect.optimizer.param_groups[0]["betas"] == (beta1, 0.999)
+    with pytest.raises(FastDartsError, match=r"arch-beta1 must be in \[0, 1\), got 1.0"):
+        SearchConfig(arch_beta1=1.0).checked()
 
 
 def test_an_explicit_field_wins_over_the_preset():

@@ -12,7 +12,8 @@ from __future__ import annotations
 from ..errors import FastDartsError
 
 _DARTS = dict(
-    batch_size=64, epochs=50, lr=0.025, lr_min=0.001, arch_lr=3e-4, arch_weight_decay=1e-3, order="second",
+    batch_size=64, epochs=50, lr=0.025, lr_min=0.001, arch_lr=3e-4, arch_weight_decay=1e-3, arch_beta1=0.5,
+    order="second",
     partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
     stages=None, skip_dropout=None, max_skip=None,
 )
@@ -25,9 +26,9 @@ METHOD_PRESETS: dict[str, dict] = {
     # batch 256, SGD lr 0.1 cosine to 0, Adam lr 6e-4 on α and β, first order, 15 warm-up epochs.
     "pc-darts": dict(_DARTS, batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, order="first",
                      partial_channels=4, edge_norm=True, arch_warmup_epochs=15),
-    # Cai et al., ICLR 2019 (mit-han-lab/proxylessnas): two paths per edge, first order, Adam lr 1e-3
-    # without weight decay on α; DARTS' weight settings (their own are ImageNet's).
-    "proxyless": dict(_DARTS, order="first", sample_paths=2, arch_lr=1e-3, arch_weight_decay=0.0),
+    # Cai et al., ICLR 2019 (mit-han-lab/proxylessnas): two paths per edge, first order, Adam lr 1e-3 with
+    # betas (0, 0.999) and no weight decay on α; DARTS' weight settings (their own are ImageNet's).
+    "proxyless": dict(_DARTS, order="first", sample_paths=2, arch_lr=1e-3, arch_weight_decay=0.0, arch_beta1=0.0),
     # Chen et al., ICCV 2019 (chenxin061/pdarts, train_search.py): 3 stages of 25 epochs, 5, 11 and 17 cells
     # holding 8, 5 and 3 ops per edge; batch 96, SGD lr 0.025 cosine to 0, Adam lr 6e-4, first order, no
     # architecture step in the first 10 epochs of a stage; skip dropout 0.0, 0.4, 0.7; at most 2 skip
