@@ -6,7 +6,7 @@ configuration and the same global batch (split evenly among the ranks), so
 the two rows compare like with like. ``bytes_all_reduced`` counts the
 payload of ``fastdarts.distributed``'s all-reduces (the architect's and the
 weight step's gradients), per rank and step; at world size 1 nothing is
-reduced, so it shows what a 2-rank step would reduce as ``-``.
+reduced (column ``-``).
 
 The search's all-reduce volume per step is a property of the supernet, not
 of the machine: ``--estimate`` prints it for the paper's setting (C=16, 8
@@ -50,7 +50,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, args: argparse.Namespace,
     net = SearchNetwork(C=args.channels, num_classes=10, layers=args.layers, backend=args.backend)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(net, sgd, order=args.order, grad_reduce=distributed.all_reduce_mean_ if world > 1 else None)
-    per_rank = args.batch_size // world
+    per_rank = distributed.per_rank_batch(args.batch_size, world)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(args.batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch_size,),
                                                                                    generator=g)) for _ in range(2)]

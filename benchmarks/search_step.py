@@ -358,8 +358,11 @@ def depth_budget(results: list[dict], budget_bytes: float) -> list[dict]:
     over the measured depths, and the deepest supernet whose fitted peak is
     within ``budget_bytes`` (an extrapolation beyond the measured depths)."""
     out = []
-    for key in dict.fromkeys((_method(r), r["order"], r["backend"], r.get("recompute", "edge")) for r in results):
-        rows = [r for r in results if (_method(r), r["order"], r["backend"], r.get("recompute", "edge")) == key]
+    def key_of(r: dict) -> tuple:
+        return _method(r), r["order"], r["backend"], r.get("recompute", "edge"), r["num_ops"]
+
+    for key in dict.fromkeys(map(key_of, results)):
+        rows = [r for r in results if key_of(r) == key]
         xs = [r["layers"] for r in rows]
         ys = [r["peak_memory_bytes"] for r in rows]
         if len(set(xs)) < 2:
@@ -368,7 +371,9 @@ def depth_budget(results: list[dict], budget_bytes: float) -> list[dict]:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         intercept = my - slope * mx
         deepest = int((budget_bytes - intercept) // slope) if slope > 0 else None
-        out.append(dict(method=key[0], order=key[1], backend=key[2], recompute=key[3],
+        if deepest is not None and deepest < 1:
+            deepest = 0  # not even one cell fits
+        out.append(dict(method=key[0], order=key[1], backend=key[2], recompute=key[3], num_ops=key[4],
                         bytes_per_cell=slope, intercept_bytes=intercept, budget_bytes=budget_bytes,
                         deepest_within_budget=deepest, measured_cells=xs))
     return out
@@ -486,7 +491,8 @@ def main(argv=None) -> int:
     if args.budget_gib is not None:
         report["depth_budget"] = depth_budget(results, args.budget_gib * 2**30)
         for d in report["depth_budget"]:
-            print(f"{d['method']} {d['order']} {d['backend']}: {d['bytes_per_cell'] / 2**20:.1f} MiB per cell "
+            print(f"{d['method']} {d['order']} {d['backend']} ({d['recompute']}, {d['num_ops']} ops): "
+                  f"{d['bytes_per_cell'] / 2**20:.1f} MiB per cell "
                   f"(fit over {d['measured_cells']} cells); deepest within {args.budget_gib:g} GiB: "
                   f"{d['deepest_within_budget']} cells (extrapolated)")
     if args.sweep_ops:

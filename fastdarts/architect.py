@@ -63,6 +63,8 @@ class Architect:
             step reads its learning rate, momentum, weight decay and momentum
             buffers, so it always unrolls the step the weights really take.
         order: ``"first"`` or ``"second"``.
+        grad_clip: clip the architecture gradient's norm to this before Adam
+            (P-DARTS' step does; None: no clipping, as DARTS).
         grad_reduce: in a multi-process run, averages a list of gradients
             over the ranks in place (``distributed.all_reduce_mean_``): the
             weights' train gradient before the virtual step, ∇w'L_val before
@@ -71,7 +73,7 @@ class Architect:
 
     def __init__(self, model: SearchModel, weight_optimizer: torch.optim.SGD, order: str = "second",
                  lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3,
-                 grad_reduce: Callable[[list[torch.Tensor]], None] | None = None):
+                 grad_reduce: Callable[[list[torch.Tensor]], None] | None = None, grad_clip: float | None = None):
         if order not in ("first", "second"):
             raise ValueError(f"order must be 'first' or 'second', got {order!r}")
         groups = weight_optimizer.param_groups
@@ -85,6 +87,7 @@ class Architect:
         self.weight_optimizer = weight_optimizer
         self.order = order
         self.grad_reduce = grad_reduce or (lambda tensors: None)
+        self.grad_clip = grad_clip
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
     def step(self, x_train, y_train, x_val, y_val) -> torch.Tensor:
@@ -93,6 +96,8 @@ class Architect:
         grads, val_loss = self.arch_gradients(x_train, y_train, x_val, y_val)
         for alpha, g in zip(self.model.arch_parameters(), grads):
             alpha.grad = g
+        if self.grad_clip is not None:  # after the all-reduce: every rank clips the same gradient
+            torch.nn.utils.clip_grad_norm_(self.model.arch_parameters(), self.grad_clip)
         # A method may adjust the update (path sampling: skip edges, rescale α).
         before, after = getattr(self.model, "before_arch_update", None), getattr(self.model, "after_arch_update", None)
         saved = before(self.optimizer) if before is not None else None
@@ -163,7 +168,12 @@ class Architect:
                 with frozen(weights):
                     return _grads(model.loss(x_train, y_train), alphas)
 
-            g_plus, g_minus = train_alpha_grad(+1.0), train_alpha_grad(-1.0)
+            # w⁺ and w⁻ must see the same random draws (P-DARTS' skip dropout), or the
+            # difference measures the masks: the w⁺ pass runs on a fork of the generators.
+            devices = [weights[0].device] if weights and weights[0].device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                g_plus = train_alpha_grad(+1.0)
+            g_minus = train_alpha_grad(-1.0)
             d_alpha = [d - xi * (gp - gm) / (2 * eps) for d, gp, gm in zip(d_alpha, g_plus, g_minus)]
             self.grad_reduce(d_alpha)  # linear in the per-rank terms: one all-reduce for all of them
             return d_alpha, val_loss.detach()

@@ -3,7 +3,7 @@
 Bad input ends in one line on stderr and exit status 2; an interrupted run
 says how to resume and exits with 130.
 
-``fastdarts-train`` and ``fastdarts-eval`` also run under torchrun (SPEC §10;
+``fastdarts-search``, ``fastdarts-train`` and ``fastdarts-eval`` also run under torchrun (SPEC §10;
 ``fastdarts.distributed``): the first line says the world size and backend,
 and rank 0 prints. Bad arguments are reported by rank 0 alone (every rank
 checks the same ones); an error met by another rank is printed by it, named
@@ -133,6 +133,8 @@ def search_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
     opt.add_argument("--arch-lr", type=float, default=None, help=_by_method("arch_lr"))
     opt.add_argument("--arch-weight-decay", type=float, default=None, help=_by_method("arch_weight_decay"))
+    opt.add_argument("--arch-grad-clip", type=float, default=None,
+                     help="clip the architecture gradient's norm before Adam " + _by_method("arch_grad_clip"))
     opt.add_argument("--arch-beta1", type=float, default=None,
                      help="Adam's β1 on α (β2 is 0.999) " + _by_method("arch_beta1"))
     run = p.add_argument_group("run")

@@ -146,8 +146,10 @@ def setup(device: str = "auto", env: Mapping[str, str] | None = None) -> DistCon
         local_rank = _env_int(env, "LOCAL_RANK", rank)
         if world == 1:
             return DistContext(device=resolve_device(device), timeout_s=timeout)
-        return DistContext(world, rank, local_rank, str(dist.get_backend()), _rank_device(device, local_rank),
-                           timeout)
+        rank_device = _rank_device(device, local_rank)
+        if rank_device.type == "cuda":  # NCCL's barrier otherwise guesses the device
+            torch.cuda.set_device(rank_device)
+        return DistContext(world, rank, local_rank, str(dist.get_backend()), rank_device, timeout)
     rank, world = launch_env(env)
     if world == 1:
         return DistContext(device=resolve_device(device), timeout_s=timeout)
@@ -262,7 +264,8 @@ def data_parallel(module: torch.nn.Module, context: DistContext) -> torch.nn.Mod
         return module
     ddp = torch.nn.parallel.DistributedDataParallel
     kwargs = dict(device_ids=[context.device.index] if context.device.type == "cuda" else None)
-    # torch >= 2.13 renamed broadcast_buffers; both sync the buffers once, at construction.
+    # torch >= 2.13 renamed broadcast_buffers. Older versions with broadcast_buffers=False also leave
+    # the buffers out of the initial sync: harmless here, every rank builds or loads the same ones.
     if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
         kwargs["forward_sync_buffers"] = False
     else:

@@ -178,7 +178,8 @@ def mixed_op_checkpoint(mixed: MixedOp, x: torch.Tensor, weights: torch.Tensor,
         _reference_with_params, mixed, [[n for n, _ in ps] for ps in named], x, weights,
         *(p for ps in named for _, p in ps),
         use_reentrant=False,
-        # The supernet draws no random numbers, so saving RNG state is waste.
+        # Nothing inside draws random numbers (P-DARTS' skip dropout is drawn outside, in
+        # MixedOp.mixed), so saving RNG state is waste.
         preserve_rng_state=False,
         context_fn=lambda: running_stats_frozen_context(mixed),
     )

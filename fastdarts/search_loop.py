@@ -22,6 +22,7 @@ files, logs and shows progress. The world size is result-defining.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .architect import Architect, frozen
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrier, broadcast_, collective_failures,
-                          launch, per_rank_batch)
+                          launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
 from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
@@ -85,6 +86,7 @@ class SearchConfig:
     arch_lr: float | None = None
     arch_weight_decay: float | None = None
     arch_beta1: float | None = None    # Adam's β1 on α (β2 is 0.999)
+    arch_grad_clip: float | None = None  # clip ‖∇α‖ before Adam (P-DARTS: 5); None: no clipping
     order: str | None = None
     partial_channels: int | None = None   # PC-DARTS' K (1: all channels)
     edge_norm: bool | None = None         # PC-DARTS' edge normalisation (β)
@@ -130,6 +132,8 @@ class SearchConfig:
         for name in ("lr", "arch_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise FastDartsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        if self.arch_grad_clip is not None and not self.arch_grad_clip > 0:
+            raise FastDartsError(f"arch-grad-clip must be positive, got {self.arch_grad_clip!r}")
         if not 0 <= self.arch_beta1 < 1:
             raise FastDartsError(f"arch-beta1 must be in [0, 1), got {self.arch_beta1!r}")
         for name in ("lr_min", "momentum", "weight_decay", "arch_weight_decay"):
@@ -176,6 +180,10 @@ class SearchConfig:
                                  f"of its stages; for --stages {self.stages} give --skip-dropout with "
                                  f"{len(stages)} rate(s)")
         rates = parse_rates(self.skip_dropout, len(stages))
+        if len(stages) > 1 and self.arch_warmup_epochs >= self.epochs:
+            raise FastDartsError(f"arch-warmup-epochs {self.arch_warmup_epochs} covers every one of the {self.epochs} "
+                                 f"epochs of a stage: α would never be trained before the ops are pruned by it; "
+                                 f"give more --epochs or fewer --arch-warmup-epochs")
         return dataclasses.replace(self, ops=",".join(ops), layout=None, layers=None, edge_norm=bool(self.edge_norm),
                                    aux_skip=bool(self.aux_skip), early_stop=early_stop,
                                    stages=stages_string(stages), skip_dropout=",".join(map(str, rates)))
@@ -204,7 +212,7 @@ class SearchConfig:
 # What a checkpoint written before the methods existed ran: DARTS.
 _LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
                       aux_skip=False, early_stop=None, stages=None, skip_dropout=None, max_skip=None,
-                      arch_beta1=0.5)
+                      arch_beta1=0.5, arch_grad_clip=None)
 
 
 @dataclass
@@ -319,7 +327,9 @@ class _Searcher:
         self.staged = config.stages is not None
         self.dropout_rates = parse_rates(config.skip_dropout, len(self.stages)) if self.staged else (0.0,)
         seed_everything(config.seed)
-        dataset = self.dataset = load_dataset(config.dataset, config.data, download=config.download)
+        # A download goes into one folder: rank 0 fetches it while the others wait.
+        with main_rank_first(dist) if config.download else contextlib.nullcontext():
+            dataset = self.dataset = load_dataset(config.dataset, config.data, download=config.download)
         for layout, _ in self.stages:
             reductions = layout.count("R")
             if dataset.image_size < 2 ** reductions:
@@ -368,6 +378,7 @@ class _Searcher:
                                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.architect = Architect(self.model, self.weight_optimizer, order=cfg.order, lr=cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, betas=(cfg.arch_beta1, 0.999),
+                                   grad_clip=cfg.arch_grad_clip,
                                    grad_reduce=all_reduce_mean_ if self.dist.distributed else None)
         self._broadcast_model()
         # Softmax(α) before the stage's first epoch: what that epoch's ranking is compared with.
@@ -502,6 +513,8 @@ class _Searcher:
         for step, (x, y) in enumerate(self.eval_loader.epoch(0)):
             if step >= n_steps:
                 break
+            if len(y) == 0:  # this rank's part of a last batch smaller than the number of ranks
+                continue
             logits = self.model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
@@ -553,6 +566,9 @@ class _Searcher:
                      **rank_measures(previous["alphas"] if previous else self.initial_alphas, alphas,
                                      self.edge_ops, previous.get("rank_unchanged_epochs", 0) if previous else 0),
                      config=self._result_defining())
+        if not entry["arch_step"]:
+            # α did not move because it was not trained: that is no evidence of a stable ranking.
+            entry["rank_unchanged_epochs"] = 0
         stopped = stop_reason(self.criteria, entry)
         entry.update(stopped=stopped, seconds=time.perf_counter() - start)
         last_stage = self.stage + 1 == len(self.stages)
@@ -629,8 +645,9 @@ def search(config: SearchConfig | None = None, *, on_epoch_end: Callable[[dict],
     ``search(dataset="digits", epochs=1, out="runs/demo")`` overrides single
     fields of the default ``SearchConfig``. ``on_epoch_end`` is called with each
     epoch's metrics after its checkpoint is written. ``dist``: the process's
-    place in a multi-process run; None takes it from an existing process
-    group or torchrun's environment (a single process without either).
+    place in a multi-process run (its device overrides ``config.device``);
+    None takes it from an existing process group or torchrun's environment
+    (a single process without either).
     """
     config = dataclasses.replace(config or SearchConfig(), **overrides)
     if dist is None:

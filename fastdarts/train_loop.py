@@ -356,6 +356,7 @@ class _Trainer:
             self.history.append(entry)
             if dist.is_main:
                 self._save(entry)
+            barrier(dist)  # on_epoch_end runs once the checkpoint is there, on every rank
             best = max(h["test_acc"] for h in self.history)
             self.log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.5f}  drop_path {entry['drop_path_prob']:.3f}  "
                      f"train_loss {entry['train_loss']:.4f}  train_acc {entry['train_acc']:.2f}  "

@@ -56,6 +56,7 @@ def test_parse_stages():
     ("5:9", "the first stage must hold every op"),
     ("5:8,11:8", "must fall from stage to stage (5:8 then 11:8)"),
     ("5:8,11:5,17:6", "must fall from stage to stage (11:5 then 17:6)"),
+    ("5:8,11:5,17:1", "a later stage (17:1) must hold at least 2 ops per edge"),
 ])
 def test_bad_stages(spec, needle):
     with pytest.raises(FastDartsError, match=re.escape(needle)):
@@ -426,7 +427,9 @@ def _metrics(out):
 def test_preset():
     c = SearchConfig(method="p-darts").checked()
     assert (c.stages, c.skip_dropout, c.max_skip, c.epochs, c.batch_size, c.lr, c.lr_min, c.arch_lr, c.order,
-            c.arch_warmup_epochs) == ("5:8,11:5,17:3", "0.0,0.4,0.7", 2, 25, 96, 0.025, 0.0, 6e-4, "first", 10)
+            c.arch_warmup_epochs, c.arch_grad_clip) == ("5:8,11:5,17:3", "0.0,0.4,0.7", 2, 25, 96, 0.025, 0.0, 6e-4,
+                                                        "first", 10, 5.0)
+    assert SearchConfig().checked().arch_grad_clip is None  # DARTS does not clip α's gradient
     assert c.stage_layouts() == [("N,R,N,R,N", 8), ("N,N,N,R,N,N,N,R,N,N,N", 5),
                                  ("N,N,N,N,N,R,N,N,N,N,N,R,N,N,N,N,N", 3)]
     assert method_preset("darts")["stages"] is None
@@ -504,13 +507,75 @@ def test_resume_inside_and_between_stages(tmp_path, stop_after):
     assert len(again.history) == 6
 
 
-def test_early_stop_ends_a_stage(tmp_path):
-    # The warm-up epoch leaves α as it is: its ranking is unchanged after 1 epoch, so stable:1 stops each stage.
-    result = search(out=str(tmp_path / "run"), log=_quiet, early_stop="stable:1",
+def test_early_stop_ends_a_stage(tmp_path, monkeypatch):
+    # Scripted: the normal cell "holds" 0, 3, 0, 3... skip connections: skip:2 stops each stage in its 2nd epoch.
+    import fastdarts.search_loop as search_module
+
+    counts = iter([0, 3] * 4)
+    monkeypatch.setattr(search_module, "skip_connects", lambda genotype: next(counts))
+    result = search(out=str(tmp_path / "run"), log=_quiet, early_stop="skip:2",
                     **dict(STAGED, stages="3:8,3:5", skip_dropout="0,0", epochs=3))
     h = _metrics(tmp_path / "run")
-    assert [(m["stage"], m["stage_epoch"], bool(m["stopped"])) for m in h] == [(1, 1, True), (2, 1, True)]
-    assert result.stopped and "stable:1" in result.stopped
+    assert [(m["stage"], m["stage_epoch"], bool(m["stopped"])) for m in h] == [(1, 1, False), (1, 2, True),
+                                                                               (2, 1, False), (2, 2, True)]
+    assert "next_edge_ops" in h[1] and result.stopped and "skip:2" in result.stopped
+
+
+def test_warm_up_epochs_do_not_count_as_a_stable_ranking(tmp_path):
+    # α rests in the warm-up epoch: its unchanged ranking is no evidence, so stable:1 does not fire there.
+    search(out=str(tmp_path / "run"), log=_quiet, early_stop="stable:1", **dict(TINY, epochs=2, layout="N,R,N"))
+    h = _metrics(tmp_path / "run")
+    assert [m["arch_step"] for m in h] == [False, True] and h[0]["rank_unchanged_epochs"] == 0
+    assert h[0]["stopped"] is None
+
+
+def test_the_architecture_gradient_is_clipped_as_p_darts_does():
+    from fastdarts import Architect
+
+    torch.manual_seed(0)
+    net = tiny_net()
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    unclipped = Architect(net, sgd, order="first").arch_gradients(x, y, x, y)[0]
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in unclipped]))
+    architect = Architect(net, sgd, order="first", grad_clip=float(norm) / 4)
+    architect.step(x, y, x, y)
+    clipped = torch.linalg.vector_norm(torch.cat([a.grad.flatten() for a in net.arch_parameters()]))
+    assert clipped == pytest.approx(float(norm) / 4, rel=1e-5)
+
+
+def test_second_order_sees_the_same_dropout_masks_at_w_plus_and_w_minus(monkeypatch):
+    """The finite difference (g⁺ − g⁻)/2ε must differ only by the weights: each pass
+    draws the skip-dropout masks afresh, so w⁻ replays the masks w⁺ drew."""
+    import fastdarts.mixed_op as mixed_op_module
+    from fastdarts import Architect
+
+    masks = []
+    real_dropout = mixed_op_module.F.dropout
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def dropout(x, p, training=True):
+            out = real_dropout(x, p, training=training)
+            masks.append(out == 0)
+            return out
+
+    monkeypatch.setattr(mixed_op_module, "F", Recording())
+    ops = {cell: [("none", "skip_connect", "sep_conv_3x3")] * num_edges(2) for cell in ("normal", "reduce")}
+    torch.manual_seed(0)
+    net = tiny_net(edge_ops=ops)
+    net.set_skip_dropout(0.5)
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    Architect(net, sgd, order="second").arch_gradients(x, y, x, y)
+    per_pass = len(masks) // 4  # train (virtual step), validation, w⁺, w⁻
+    assert per_pass > 0 and len(masks) == 4 * per_pass
+    plus, minus = masks[2 * per_pass:3 * per_pass], masks[3 * per_pass:]
+    assert all(torch.equal(a, b) for a, b in zip(plus, minus))
+    assert not all(torch.equal(a, b) for a, b in zip(masks[:per_pass], plus))  # other passes: fresh masks
 
 
 @pytest.mark.parametrize("extra", [dict(partial_channels=2, edge_norm=True), dict(sample_paths=2),
@@ -559,6 +624,7 @@ CLI = ["--method", "p-darts", "--data", "/nonexistent/cifar", "--channels", "4",
     (["--layout", "N,R,N"], ["--stages sets each stage's cells; drop --layout"]),
     (["--stages", "5:8,5:2", "--skip-dropout", "0,0", "--sample-paths", "2"], ["sample-paths 2 needs more ops"]),
     (["--max-skip", "-1"], ["--max-skip", "must not be negative"]),
+    (["--epochs", "10"], ["arch-warmup-epochs 10 covers every one of the 10 epochs of a stage"]),
     (["--early-stop", "often"], ["unknown early-stop criterion"]),
     (["--ops", "none"], ["only 'none'"]),
 ])

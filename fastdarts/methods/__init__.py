@@ -15,7 +15,7 @@ _DARTS = dict(
     batch_size=64, epochs=50, lr=0.025, lr_min=0.001, arch_lr=3e-4, arch_weight_decay=1e-3, arch_beta1=0.5,
     order="second",
     partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
-    stages=None, skip_dropout=None, max_skip=None,
+    stages=None, skip_dropout=None, max_skip=None, arch_grad_clip=None,
 )
 
 # The published CIFAR-10 search settings of each method.
@@ -32,9 +32,9 @@ METHOD_PRESETS: dict[str, dict] = {
     # Chen et al., ICCV 2019 (chenxin061/pdarts, train_search.py): 3 stages of 25 epochs, 5, 11 and 17 cells
     # holding 8, 5 and 3 ops per edge; batch 96, SGD lr 0.025 cosine to 0, Adam lr 6e-4, first order, no
     # architecture step in the first 10 epochs of a stage; skip dropout 0.0, 0.4, 0.7; at most 2 skip
-    # connections in the final normal cell.
+    # connections in the final normal cell; the α gradient's norm clipped to 5 (its train() does).
     "p-darts": dict(_DARTS, batch_size=96, epochs=25, lr_min=0.0, arch_lr=6e-4, order="first", arch_warmup_epochs=10,
-                    stages="5:8,11:5,17:3", skip_dropout="0.0,0.4,0.7", max_skip=2),
+                    stages="5:8,11:5,17:3", skip_dropout="0.0,0.4,0.7", max_skip=2, arch_grad_clip=5.0),
 }
 
 

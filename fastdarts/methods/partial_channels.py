@@ -143,6 +143,7 @@ class PartialChannelMixedOp(MixedOp):
 
             named = [list(op.named_parameters()) for op in self.ops]
             aux = list(self.auxiliary_op.named_parameters()) if aux_weight is not None else []
+            # Drawn here, outside the checkpoint: its recompute draws nothing (preserve_rng_state=False).
             weights, dropped_skip = self.split_skip_dropout(x1, weights, None)
             return checkpoint(_edge_checkpointed, self, [[n for n, _ in ps] for ps in named], [n for n, _ in aux],
                               x, weights, scale, aux_weight, dropped_skip, *(p for ps in named for _, p in ps),

@@ -5,8 +5,11 @@ deeper than the last and with fewer candidate ops per edge:
 
 - ``parse_stages("5:8,11:5,17:3")``: (cells, ops held per edge) per stage;
 - ``drop_ops``: between stages every edge keeps its strongest ops by
-  softmax(α) among those it still has (the original's ``get_min_k``; after
-  the last stage ``none`` goes first, ``get_min_k_no_zero``);
+  softmax(α) among those it still has (the original's ``get_min_k``). After
+  the last stage the original drops ``none`` first and keeps one op per
+  edge (``get_min_k_no_zero``, ``none_first=True`` here): that is the
+  derivation's own choice of each edge's strongest non-`none` op, so the
+  search ends with ``derive_genotype`` (and ``limit_skip_connects``);
 - ``skip_dropout_rate``: dropout after ``skip_connect`` (stride 1), from the
   stage's initial rate p₀, decayed within the stage as the original's
   ``train_search.py``;
@@ -63,6 +66,9 @@ def parse_stages(spec: str, num_ops: int) -> tuple[Stage, ...]:
         raise FastDartsError(f"stages {spec!r}: the first stage must hold every op of the op set ({num_ops}), "
                              f"got {stages[0].ops}; later stages keep fewer")
     for before, after in zip(stages, stages[1:]):
+        if after.ops < 2:
+            raise FastDartsError(f"stages {spec!r}: a later stage ({after}) must hold at least 2 ops per edge "
+                                 f"(with 1 nothing is searched; the final derivation keeps one op per edge)")
         if after.ops >= before.ops:
             raise FastDartsError(f"stages {spec!r}: ops kept per edge must fall from stage to stage "
                                  f"({before} then {after})")
