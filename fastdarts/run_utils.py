@@ -92,6 +92,14 @@ class EpochProgress:
     def close(self) -> None:
         self.bar.close()
 
+    def sum_over_ranks(self, all_reduce_sum: Callable[[list[torch.Tensor]], None], *extra: torch.Tensor) -> None:
+        """In a multi-process run, this rank's sums (and ``extra`` sums) become
+        every rank's, added in place by ``all_reduce_sum`` (one collective; the
+        function is passed in, as ``distributed`` builds on this module)."""
+        seen = torch.tensor(self.seen, device=self.device)
+        all_reduce_sum([self.loss_sum, self.correct, seen, *extra])
+        self.seen = int(seen.item())
+
     def summary(self) -> dict:
         """``train_loss`` and ``train_acc`` (percent) over the epoch's batches."""
         return dict(train_loss=self.loss_sum.item() / self.seen, train_acc=100 * self.correct.item() / self.seen)

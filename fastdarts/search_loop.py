@@ -38,6 +38,7 @@ from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrier, broadcast_, collective_failures,
                           launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
+from .evaluate import evaluate
 from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
@@ -279,15 +280,20 @@ def build_supernet(config: SearchConfig, dataset, device: torch.device | str, la
         edge_ops=edge_ops).to(device)
 
 
+def _read_checkpoint(path: Path, device, what: str = "checkpoint") -> dict:
+    """A search checkpoint's contents; a missing, truncated or foreign file is one line naming it."""
+    state = read_torch(path, device, what=what)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
+    return state
+
+
 def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu", backend: str | None = None):
     """A search run's configuration, data set and supernet (its last
     checkpoint: weights, α and, for P-DARTS, the last stage's edges) ->
     ``(config, dataset, model)``. ``backend`` (default the run's) may differ:
     every backend computes the same function."""
-    path = Path(run_dir) / CHECKPOINT
-    state = read_torch(path, "cpu", what="search checkpoint")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
+    state = _read_checkpoint(Path(run_dir) / CHECKPOINT, "cpu", what="search checkpoint")
     fields = {**_LEGACY_FIELDS, **state["config"]}
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     config = SearchConfig(**{k: v for k, v in fields.items() if k in known}, data=data, device=device,
@@ -406,9 +412,7 @@ class _Searcher:
 
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
-        state = read_torch(path, self.device)  # a truncated or foreign file: one line naming it
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
+        state = _read_checkpoint(path, self.device)
         ours = self._result_defining()
         theirs = {**_LEGACY_FIELDS, "world_size": 1, **state["config"]}
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
@@ -483,9 +487,7 @@ class _Searcher:
             progress.update(logits, y, loss)
         progress.close()
         if self.dist.distributed:  # the epoch's figures over every rank's images
-            seen = torch.tensor(progress.seen, device=self.device)
-            all_reduce_sum_([progress.loss_sum, progress.correct, seen, arch_loss_sum])
-            progress.seen = int(seen.item())
+            progress.sum_over_ranks(all_reduce_sum_, arch_loss_sum)
             arch_loss_sum /= self.dist.world_size  # of per-rank means
         return dict(**progress.summary(), arch_step=arch_step,
                     arch_loss=arch_loss_sum.item() / n_steps if arch_step else None,
@@ -505,26 +507,10 @@ class _Searcher:
         checkpoint holds, so a resumed run goes on exactly as an uninterrupted one."""
         if self.dist.distributed:
             broadcast_(list(self.model.buffers()))
-        self.model.eval()
-        n_steps = self._steps(self.eval_loader)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        for step, (x, y) in enumerate(self.eval_loader.epoch(0)):
-            if step >= n_steps:
-                break
-            if len(y) == 0:  # this rank's part of a last batch smaller than the number of ranks
-                continue
-            logits = self.model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-        self.model.train()
-        if self.dist.distributed:  # exact: sums over every rank's shard
-            images = torch.tensor(seen, device=self.device)
-            all_reduce_sum_([loss_sum, correct, images])
-            seen = int(images.item())
-        return dict(val_loss=loss_sum.item() / seen, val_acc=100 * correct.item() / seen)
+        # The training loop's evaluation: eval mode, empty shards skipped, sums exact over the ranks.
+        result = evaluate(self.model, self.eval_loader.epoch(0), max_steps=self._steps(self.eval_loader),
+                          dist=self.dist)
+        return dict(val_loss=result["loss"], val_acc=result["top1"])
 
     def run(self, on_epoch_end: Callable[[dict], None] | None) -> SearchResult:
         if self.dist.is_main:

@@ -328,9 +328,7 @@ class _Trainer:
             progress.close()
             model.drop_path_generator = None
         if dist.distributed:  # the epoch's figures over every rank's images
-            seen = torch.tensor(progress.seen, device=self.device)
-            all_reduce_sum_([progress.loss_sum, progress.correct, seen, aux_sum])
-            progress.seen = int(seen.item())
+            progress.sum_over_ranks(all_reduce_sum_, aux_sum)
         entry = progress.summary()
         if cfg.auxiliary:
             entry["aux_loss"] = aux_sum.item() / progress.seen

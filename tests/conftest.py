@@ -28,6 +28,21 @@ def _no_tf32(request):
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def search_cli_error(argv, capsys) -> str:
+    """``fastdarts-search argv`` must fail with exit status 2 and one line on
+    stderr (argparse's errors included); returns that line."""
+    from fastdarts.cli import search_main
+
+    try:
+        code = search_main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastdarts-search: error: "), err
+    return err[0]
+
+
 def tiny_net(**kw):
     """A supernet small enough for a test to run in well under a second."""
     from fastdarts import SearchNetwork

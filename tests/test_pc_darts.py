@@ -12,10 +12,9 @@ import torch.nn.functional as F
 
 import fastdarts.search_loop as search_module
 from fastdarts import FastDartsError, SearchConfig, SearchNetwork, search
-from fastdarts.cli import search_main
 from fastdarts.genotype import Genotype, derive_genotype, num_edges
 from fastdarts.methods.partial_channels import PartialChannelMixedOp, channel_shuffle
-from conftest import tiny_net
+from conftest import search_cli_error, tiny_net
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -502,13 +501,7 @@ def test_cli_bad_input(tmp_path, capsys, argv, needles):
     out = tmp_path / "out"
     if "--method" not in argv:
         argv = ["--method", "pc-darts"] + argv
-    try:
-        code = search_main(CLI_TINY + argv + ["--out", str(out)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fastdarts-search: error: "), err
+    line = search_cli_error(CLI_TINY + argv + ["--out", str(out)], capsys)
     for needle in needles:
-        assert needle in err[0], err
+        assert needle in line, line
     assert not out.exists()

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from fastdarts import SearchNetwork
-from fastdarts.cli import search_main
 from fastdarts.errors import FastDartsError
 from fastdarts.genotype import derive_genotype, num_edges
 from fastdarts.methods import method_preset
@@ -24,7 +23,7 @@ from fastdarts.mixed_op import MixedOp
 from fastdarts.ops import DARTS_OPS
 from fastdarts.search_loop import SearchConfig, load_search, search
 from fastdarts.visualize import plot_alpha_history
-from conftest import tiny_net
+from conftest import search_cli_error, tiny_net
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -630,13 +629,7 @@ CLI = ["--method", "p-darts", "--data", "/nonexistent/cifar", "--channels", "4",
 ])
 def test_cli_bad_input(tmp_path, capsys, argv, needles):
     out = tmp_path / "out"
-    try:
-        code = search_main(CLI + argv + ["--out", str(out)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fastdarts-search: error: "), err
+    line = search_cli_error(CLI + argv + ["--out", str(out)], capsys)
     for needle in needles:
-        assert needle in err[0], err
+        assert needle in line, line
     assert not out.exists()
