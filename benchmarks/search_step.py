@@ -137,6 +137,7 @@ def build_search(backend: str, order: str, ops: str, channels: int, layers: int,
     import torch
 
     from fastdarts import Architect, EXTENDED_OPS, SearchNetwork, resolve_ops
+    from fastdarts.cuda_graph import DeviceLrSGD
     from fastdarts.methods import method_preset
 
     torch.manual_seed(0)
@@ -146,7 +147,8 @@ def build_search(backend: str, order: str, ops: str, channels: int, layers: int,
     model = SearchNetwork(C=channels, num_classes=10, layers=layers, ops=op_names, backend=backend,
                           recompute=recompute, **{k: preset[k] for k in METHOD_NETWORK_OPTIONS}).to(device)
     model.start_epoch(0, 0)  # seeds path sampling's draws; nothing for the other methods
-    sgd = torch.optim.SGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    # torch's SGD with a float lr (DeviceLrSGD defers to it); --cuda-graph moves the lr to the device.
+    sgd = DeviceLrSGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(model, sgd, order=order, lr=preset["arch_lr"], weight_decay=preset["arch_weight_decay"],
                           betas=(preset["arch_beta1"], 0.999))
     shape = (batch_size, 3, image_size, image_size)
@@ -210,13 +212,51 @@ def worker(args) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
+    graph = graph_measurement(args, model, sgd, architect, batches, memory) if args.cuda_graph else {}
     aten_ops = aten_ops_per_step(args, model, sgd, architect, batches) if args.op_count else None
     return dict(method=args.method, backend=args.backend, recompute=args.recompute, order=args.order, num_ops=len(ops),
                 batch_size=args.batch_size, layers=args.layers,
                 peak_memory_bytes=peak,
-                step_seconds=step, images_per_second=args.batch_size / step, aten_ops_per_step=aten_ops,
+                step_seconds=step, images_per_second=args.batch_size / step, aten_ops_per_step=aten_ops, **graph,
                 # Other processes on the machine skew the times (and the fused kernels' OpenMP threads most).
                 load_average=_load_average())
+
+
+def graph_measurement(args, model, sgd, architect, batches, memory) -> dict:
+    """The same step as a CUDA graph (``--cuda-graph``), after the eager
+    measurements, on the same objects: peak memory of the warm-up, capture
+    and first replay (above the same kind of baseline), and the median
+    replay time. A capture that fails is recorded (``graph_error``), not fatal."""
+    import torch
+
+    from fastdarts.cuda_graph import GraphedStep, adam_capturable, hold_lr_on_device
+    from fastdarts.search_loop import search_step
+
+    hold_lr_on_device(sgd, True)
+    adam_capturable(architect.optimizer, True)
+    graphed = GraphedStep(lambda x, y, xv, yv: search_step(model, architect, sgd, (x, y), (xv, yv), 5.0))
+    inputs = (*batches[0], *batches[1])
+    try:
+        memory.reset()
+        for _ in range(graphed.warmup + 1):  # eager warm-up, then capture + first replay
+            graphed(*inputs)
+        peak = memory.peak()
+        for _ in range(args.warmup):
+            graphed(*inputs)
+        times = []
+        for _ in range(args.repeat):
+            _sync(memory.device)
+            start = time.perf_counter()
+            graphed(*inputs)
+            _sync(memory.device)
+            times.append(time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+        return dict(graph_error=f"{type(e).__name__}: {e}"[:500])
+    finally:
+        graphed.close()
+    step = statistics.median(times)
+    return dict(graph_step_seconds=step, graph_images_per_second=args.batch_size / step,
+                graph_peak_memory_bytes=peak)
 
 
 def _load_average() -> float | None:
@@ -252,6 +292,8 @@ def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if not args.op_count:
         cmd.append("--no-op-count")
+    if args.cuda_graph:
+        cmd.append("--cuda-graph")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         if oom_ok and "out of memory" in proc.stderr.lower():
@@ -263,10 +305,17 @@ def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None
 
 def find_max_batch(args, backend: str, order: str, recompute: str = "edge", method: str = "darts") -> dict:
     """The largest batch (to within 1/8) whose full search step fits: double
-    from --batch-size until a step runs out of memory, then bisect."""
+    from --batch-size until a step runs out of memory, then bisect; at most
+    --max-batch-cap (JSON ``max_batch_capped``: the cap fits, the limit is higher)."""
     fits, best, too_big = 0, None, None
     batch = args.batch_size
+    cap = args.max_batch_cap
     while too_big is None:
+        if cap is not None and batch > cap:
+            if fits < cap:
+                batch = cap
+            else:
+                return dict(best, max_batch_size=fits, max_batch_capped=True)
         result = _run_worker(args, backend, order, args.ops, batch, oom_ok=True, recompute=recompute,
                              method=method)
         if result is None:
@@ -332,6 +381,23 @@ def print_table(results: list[dict], skipped: list[dict] = ()) -> None:
               + (f" {_ratio_to_darts(results, r, 'peak_memory_bytes'):>9} "
                  f"{_ratio_to_darts(results, r, 'step_seconds'):>10}" if methods else "")
               + (f" {r['load_average']:>5.2f}" if r.get("load_average") is not None else f" {'-':>5}"))
+    graphed = [r for r in results if "graph_step_seconds" in r or "graph_error" in r]
+    if graphed:
+        print("CUDA graph (same steps replayed; speed-up over eager reference of the same order):")
+        print(f"{'order':<7} {'backend':<11} {'recomp':<6} {'graph s':>8} {'img/s':>8} {'peak MiB':>9} "
+              f"{'vs own eager':>12} {'vs ref eager':>12}")
+        for r in graphed:
+            if "graph_error" in r:
+                print(f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} capture failed: "
+                      f"{r['graph_error']}")
+                continue
+            ref = next((x for x in results if _same_setting(x, r) and _method(x) == _method(r)
+                        and x["backend"] == "reference" and x.get("recompute", "edge") == "edge"), None)
+            print(f"{r['order']:<7} {r['backend']:<11} {r.get('recompute', 'edge'):<6} "
+                  f"{r['graph_step_seconds']:>8.4f} {r['graph_images_per_second']:>8.1f} "
+                  f"{r['graph_peak_memory_bytes'] / 2**20:>9.1f} "
+                  f"{r['step_seconds'] / r['graph_step_seconds']:>11.2f}x "
+                  + (f"{ref['step_seconds'] / r['graph_step_seconds']:>11.2f}x" if ref else f"{'-':>12}"))
     for s in skipped:
         print(f"skipped: {s['method']} / {s['backend']} / {s['order']} order: {s['reason']}")
 
@@ -413,6 +479,8 @@ def main(argv=None) -> int:
                    help="comma-separated recompute modes (edge, cell), each measured with every backend")
     p.add_argument("--ops", default="8", help="a count 4..10 (first N of the extended list) or an op-set/op names")
     p.add_argument("--sweep-ops", action="store_true", help="run every op count 4..10 (memory against |O|)")
+    p.add_argument("--max-batch-cap", type=int, default=None,
+                   help="with --find-max-batch: stop at this batch (bounds the time of the search)")
     p.add_argument("--find-max-batch", action="store_true",
                    help="(GPU) the largest batch each backend fits, starting from --batch-size")
     p.add_argument("--channels", type=int, default=16)
@@ -428,6 +496,8 @@ def main(argv=None) -> int:
                    help="images in the warm-up step before the memory baseline (0: none)")
     p.add_argument("--no-op-count", dest="op_count", action="store_false",
                    help="skip counting the ops dispatched per step (aten_ops_per_step)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time each step replayed as a CUDA graph (cuda only; JSON graph_* fields)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="with --sweep-ops: write the memory plot (PNG) here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -441,6 +511,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown method {', '.join(unknown)}; known: {', '.join(METHODS)}")
 
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        p.error("--cuda-graph needs --device cuda")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -486,7 +558,8 @@ def main(argv=None) -> int:
     print_table(results, skipped)
     if args.find_max_batch:
         for r in results:
-            print(f"{r['method']} {r['order']} {r['backend']}: largest batch that fits {r['max_batch_size']}, "
+            capped = " (the cap; more may fit)" if r.get("max_batch_capped") else ""
+            print(f"{r['method']} {r['order']} {r['backend']}: largest batch that fits {r['max_batch_size']}{capped}, "
                   f"{r['images_per_second']:.1f} images/s there")
     if args.budget_gib is not None:
         report["depth_budget"] = depth_budget(results, args.budget_gib * 2**30)

@@ -2,7 +2,7 @@
 
 First order:  ``∇α L_val(w, α)``.
 Second order: with the virtual step ``w' = w − ξ (μ·m + ∇w L_train(w, α) + λ·w)``
-(ξ the weights' current learning rate, μ their momentum, m the SGD momentum
+(ξ the weights' current learning rate, a float or a device tensor, μ their momentum, m the SGD momentum
 buffer, λ their weight decay: exactly the SGD step the weights are about to
 take, without clipping),
 
@@ -135,7 +135,10 @@ class Architect:
             buf = self.weight_optimizer.state.get(w, {}).get("momentum_buffer")
             if buf is not None:
                 direction.add_(buf, alpha=mu)
-            w.sub_(direction, alpha=xi)
+            if isinstance(xi, torch.Tensor):  # held on the device under CUDA graphs: never read on the host
+                w.sub_(direction.mul_(xi))
+            else:
+                w.sub_(direction, alpha=xi)
 
     def _second_order(self, x_train, y_train, x_val, y_val):
         model = self.model
@@ -170,8 +173,11 @@ class Architect:
 
             # w⁺ and w⁻ must see the same random draws (P-DARTS' skip dropout), or the
             # difference measures the masks: the w⁺ pass runs on a fork of the generators.
+            # Forked only when there are draws (a fork reads and restores the generator
+            # state, which a CUDA graph capture cannot).
+            draws = getattr(model, "draws_random_numbers", True)
             devices = [weights[0].device] if weights and weights[0].device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices) if draws else contextlib.nullcontext():
                 g_plus = train_alpha_grad(+1.0)
             g_minus = train_alpha_grad(-1.0)
             d_alpha = [d - xi * (gp - gm) / (2 * eps) for d, gp, gm in zip(d_alpha, g_plus, g_minus)]

@@ -144,6 +144,7 @@ def search_parser() -> argparse.ArgumentParser:
     run.add_argument("--recompute", choices=list(RECOMPUTE_MODES), default=d.recompute,
                      help="edge: what the backend keeps; cell: each cell keeps only its inputs and rebuilds "
                           "its nodes in backward (less memory, one more forward per cell, same results)")
+    _cuda_graph_option(run, d.cuda_graph)
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--out", default=d.out, help="output directory (checkpoint, metrics, genotype, pictures)")
@@ -252,6 +253,12 @@ def _fast_options(group, what: str, bf16_default: bool = True) -> None:
                        help="channels-last memory format (default: on for CUDA, off on the CPU)")
 
 
+def _cuda_graph_option(group, default: bool) -> None:
+    group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=default,
+                       help="capture each epoch's step as a CUDA graph once and replay it (one launch per step; "
+                            "CUDA only; not yet validated on a GPU, hence off by default)")
+
+
 def train_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(
@@ -289,6 +296,7 @@ def train_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
     run = p.add_argument_group("run")
     _fast_options(run, "training and testing")
+    _cuda_graph_option(run, d.cuda_graph)
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--out", default=d.out,

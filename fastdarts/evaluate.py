@@ -47,7 +47,9 @@ def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on ``device`` when asked, else nothing."""
     if not bf16:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # No cast cache: each weight is cast once per forward anyway, and a cache
+    # filled inside a CUDA graph capture would outlive its memory (torch's graph notes).
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 @torch.no_grad()

@@ -106,8 +106,13 @@ class EpochProgress:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every group's learning rate; one held in a device tensor
+    (``cuda_graph.hold_lr_on_device``) is filled in place, so a captured graph sees it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def seed_everything(seed: int) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .architect import Architect, frozen
+from .cuda_graph import DeviceLrSGD, GraphedStep, adam_capturable, check_cuda_graph, hold_lr_on_device
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrier, broadcast_, collective_failures,
@@ -101,6 +102,7 @@ class SearchConfig:
     train_portion: float = 0.5
     backend: str = DEFAULT_BACKEND
     recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
+    cuda_graph: bool = False           # capture each epoch's step once, replay it (cuda_graph.py)
     device: str = "auto"
     seed: int = 2
     out: str = "runs/search"
@@ -110,7 +112,8 @@ class SearchConfig:
 
     # Fields that do not change what a run computes: a resumed run may differ in
     # these (the device only within its type: see _load_checkpoint).
-    RUNTIME_ONLY = ("data", "download", "backend", "recompute", "device", "out", "resume", "progress")
+    RUNTIME_ONLY = ("data", "download", "backend", "recompute", "cuda_graph", "device", "out", "resume",
+                    "progress")
 
     def checked(self) -> "SearchConfig":
         """A validated copy in canonical form (method preset applied, ops
@@ -332,6 +335,10 @@ class _Searcher:
         self.stages = config.stage_layouts()
         self.staged = config.stages is not None
         self.dropout_rates = parse_rates(config.skip_dropout, len(self.stages)) if self.staged else (0.0,)
+        if config.cuda_graph:
+            check_cuda_graph(self.device, distributed=dist.distributed, sample_paths=config.sample_paths,
+                             second_order=config.order == "second", skip_dropout=any(self.dropout_rates),
+                             cell_recompute=config.recompute == "cell")
         seed_everything(config.seed)
         # A download goes into one folder: rank 0 fetches it while the others wait.
         with main_rank_first(dist) if config.download else contextlib.nullcontext():
@@ -380,15 +387,22 @@ class _Searcher:
             seed_everything(mix_seed(cfg.seed, index, _STAGE_PASS) % 2 ** 32)
         self.stage, self.edge_ops = index, edge_ops
         self.model = build_supernet(cfg, self.dataset, self.device, layout=self.stages[index][0], edge_ops=edge_ops)
-        self.weight_optimizer = torch.optim.SGD(self.model.weight_parameters(), lr=cfg.lr,
-                                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.weight_optimizer = DeviceLrSGD(self.model.weight_parameters(), lr=cfg.lr,
+                                            momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.architect = Architect(self.model, self.weight_optimizer, order=cfg.order, lr=cfg.arch_lr,
                                    weight_decay=cfg.arch_weight_decay, betas=(cfg.arch_beta1, 0.999),
                                    grad_clip=cfg.arch_grad_clip,
                                    grad_reduce=all_reduce_mean_ if self.dist.distributed else None)
+        self._optimizers_for_graphs()
         self._broadcast_model()
         # Softmax(α) before the stage's first epoch: what that epoch's ranking is compared with.
         self.initial_alphas = self.model.alpha_weights()
+
+    def _optimizers_for_graphs(self) -> None:
+        """Learning rate on the device and a capturable Adam under --cuda-graph,
+        host floats otherwise (whatever form a checkpoint held)."""
+        hold_lr_on_device(self.weight_optimizer, self.config.cuda_graph)
+        adam_capturable(self.architect.optimizer, self.config.cuda_graph)
 
     def _broadcast_model(self) -> None:
         """Every rank starts from rank 0's weights, α and buffers (equal anyway: same seed or checkpoint)."""
@@ -431,6 +445,7 @@ class _Searcher:
         self.model.load_state_dict(state["model"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.architect.optimizer.load_state_dict(state["arch_optimizer"])
+        self._optimizers_for_graphs()
         self.history = list(state["history"])
         self._broadcast_model()
         where = f"stage {self.stage + 1}/{len(self.stages)}, " if self.staged else ""
@@ -475,17 +490,27 @@ class _Searcher:
         progress = EpochProgress(self.device, n_steps, f"{where}epoch {stage_epoch + 1}/{cfg.epochs}",
                                  cfg.progress and self.dist.is_main)
         arch_loss_sum = torch.zeros((), device=self.device)
-        for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
-            if step >= n_steps:
-                break
-            # Drawn in warm-up epochs too, so the batch order does not depend on the warm-up.
-            x_val, y_val = next(arch_stream)
-            logits, loss, arch_loss = search_step(model, self.architect, self.weight_optimizer, (x, y),
-                                                  (x_val, y_val), cfg.grad_clip, arch_step=arch_step)
-            if arch_step:
-                arch_loss_sum += arch_loss
-            progress.update(logits, y, loss)
-        progress.close()
+
+        def step(x, y, x_val, y_val):
+            return search_step(model, self.architect, self.weight_optimizer, (x, y), (x_val, y_val),
+                               cfg.grad_clip, arch_step=arch_step)
+
+        # One graph per epoch: what it bakes in (rates, warm-up, the stage's supernet) is the epoch's.
+        run_step = GraphedStep(step) if cfg.cuda_graph else step
+        try:
+            for index, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+                if index >= n_steps:
+                    break
+                # Drawn in warm-up epochs too, so the batch order does not depend on the warm-up.
+                x_val, y_val = next(arch_stream)
+                logits, loss, arch_loss = run_step(x, y, x_val, y_val)
+                if arch_step:
+                    arch_loss_sum += arch_loss
+                progress.update(logits, y, loss)
+        finally:
+            progress.close()
+            if cfg.cuda_graph:
+                run_step.close()
         if self.dist.distributed:  # the epoch's figures over every rank's images
             progress.sum_over_ranks(all_reduce_sum_, arch_loss_sum)
             arch_loss_sum /= self.dist.world_size  # of per-rank means

@@ -199,6 +199,13 @@ class SearchNetwork(nn.Module):
             if isinstance(m, MixedOp):
                 m.skip_dropout = None if rate is None else float(rate)
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        """Whether a forward pass draws from the random generators (P-DARTS'
+        skip dropout in training), so that a repeat must restore them."""
+        return self.training and any(isinstance(m, MixedOp) and m.skip_dropout is not None
+                                     and m.skip_index is not None for m in self.modules())
+
     def _cell_arguments(self, op_weights: dict[str, torch.Tensor] | None = None) -> tuple[tuple, tuple]:
         """The architecture arguments of a normal and of a reduction cell:
         (op weights, edge scales, paths, auxiliary-skip weight). ``op_weights``

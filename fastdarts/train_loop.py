@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cuda_graph import DeviceLrSGD, GraphedStep, check_cuda_graph, hold_lr_on_device
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_sum_, barrier, broadcast_, collective_failures, data_parallel,
@@ -74,6 +75,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     bf16: bool | None = None        # None: on for CUDA devices with bf16 support, off on the CPU
     channels_last: bool | None = None  # None: on for CUDA, off on the CPU
+    cuda_graph: bool = False        # capture each epoch's step once, replay it (cuda_graph.py)
     device: str = "auto"
     seed: int = 0
     out: str = "runs/train"
@@ -83,7 +85,7 @@ class TrainConfig:
 
     # Fields that do not change what a run computes (channels_last only in the
     # last bits of float rounding): a resumed run may differ in these.
-    RUNTIME_ONLY = ("data", "download", "device", "out", "resume", "progress", "channels_last")
+    RUNTIME_ONLY = ("data", "download", "device", "out", "resume", "progress", "channels_last", "cuda_graph")
 
     def checked(self) -> "TrainConfig":
         """A validated copy with the genotype resolved to a ``Genotype``, so
@@ -179,6 +181,8 @@ class _Trainer:
                                  f"use a batch of at least {2 * dist.world_size} or --no-auxiliary")
         self.log = log if dist.is_main else _silent
         self.device = dist.device
+        if config.cuda_graph:
+            check_cuda_graph(self.device, distributed=dist.distributed)
         bf16, channels_last = resolve_fast_options(self.device, config.bf16, config.channels_last)
         config = dataclasses.replace(config, bf16=bf16, channels_last=channels_last)
         self.out = Path(config.out)
@@ -218,8 +222,9 @@ class _Trainer:
                                   image_size=dataset.image_size).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = DeviceLrSGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
+        hold_lr_on_device(self.optimizer, config.cuda_graph)
         self.parameters = count_parameters(self.model)
         self.history: list[dict] = []
         self.log(f"network: {config.layers} cells, C={config.channels}, {self.parameters / 1e6:.2f} M parameters"
@@ -292,6 +297,7 @@ class _Trainer:
                                  + hint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        hold_lr_on_device(self.optimizer, self.config.cuda_graph)  # whichever form the checkpoint held
         self.history = list(state["history"])
         self.log(f"resumed from {path} after epoch {len(self.history)}/{self.config.epochs}")
 
@@ -311,22 +317,33 @@ class _Trainer:
         progress = EpochProgress(self.device, n_steps, f"epoch {epoch + 1}/{cfg.epochs}",
                                  cfg.progress and dist.is_main)
         aux_sum = torch.zeros((), device=self.device)
+
+        def step(x, y, scale=1.0):
+            return train_step(self.net, self.optimizer, x, y, auxiliary_weight=cfg.auxiliary_weight,
+                              grad_clip=cfg.grad_clip, bf16=cfg.bf16, loss_scale=scale)
+
+        # One graph per epoch: it bakes in the epoch's drop-path probability.
+        graphed = GraphedStep(step, generators=[generator]) if cfg.cuda_graph else None
         try:
-            for step, (x, y) in enumerate(self.train_loader.epoch(epoch)):
-                if step >= n_steps:
+            for index, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+                if index >= n_steps:
                     break
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                scale = dist.world_size * len(y) / self.train_loader.batch_images(step) if dist.distributed else 1.0
-                logits, loss, aux_loss = train_step(self.net, self.optimizer, x, y,
-                                                    auxiliary_weight=cfg.auxiliary_weight, grad_clip=cfg.grad_clip,
-                                                    bf16=cfg.bf16, loss_scale=scale)
+                if graphed is not None:  # one process: every batch has the loss scale 1
+                    logits, loss, aux_loss = graphed(x, y)
+                else:
+                    scale = (dist.world_size * len(y) / self.train_loader.batch_images(index)
+                             if dist.distributed else 1.0)
+                    logits, loss, aux_loss = step(x, y, scale)
                 if aux_loss is not None:
                     aux_sum += aux_loss * len(y)
                 progress.update(logits, y, loss)
         finally:
             progress.close()
             model.drop_path_generator = None
+            if graphed is not None:
+                graphed.close()
         if dist.distributed:  # the epoch's figures over every rank's images
             progress.sum_over_ranks(all_reduce_sum_, aux_sum)
         entry = progress.summary()

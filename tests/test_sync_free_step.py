@@ -150,3 +150,30 @@ def test_train_step_has_no_host_read():
     train_step(net, sgd, x, y, auxiliary_weight=0.4, grad_clip=5.0, bf16=False)
     with NoHostReads(allowed=_step_counters(sgd)):
         train_step(net, sgd, x, y, auxiliary_weight=0.4, grad_clip=5.0, bf16=False)
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_the_cuda_graph_optimisers_read_nothing_on_the_host(order):
+    """Under --cuda-graph the weights' learning rate is a device tensor that
+    the virtual step and DeviceLrSGD use without reading it (torch's SGD would)."""
+    from fastdarts.cuda_graph import DeviceLrSGD, hold_lr_on_device
+    from fastdarts.run_utils import set_lr
+
+    for device in ("meta", "cpu"):
+        net = tiny_net(backend="fused").to(device)
+        sgd = DeviceLrSGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+        hold_lr_on_device(sgd, True)
+        architect = Architect(net, sgd, order=order)
+        batch = (torch.randn(8, 3, 8, 8).to(device), torch.randint(0, 5, (8,)).to(device))
+        search_step(net, architect, sgd, batch, batch, 5.0)  # creates the momentum buffers
+        set_lr(sgd, 0.02)
+        if device == "meta":
+            search_step(net, architect, sgd, batch, batch, 5.0)
+        else:
+            with NoHostReads(allowed=_step_counters(architect.optimizer)):
+                search_step(net, architect, sgd, batch, batch, 5.0)
+    with pytest.raises(AssertionError, match="_local_scalar_dense"):  # torch's SGD reads a tensor lr
+        sgd = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=torch.tensor(0.1))
+        sgd.param_groups[0]["params"][0].grad = torch.ones(2)
+        with NoHostReads():
+            sgd.step()
