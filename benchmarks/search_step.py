@@ -227,8 +227,6 @@ def graph_measurement(args, model, sgd, architect, batches, memory) -> dict:
     measurements, on the same objects: peak memory of the warm-up, capture
     and first replay (above the same kind of baseline), and the median
     replay time. A capture that fails is recorded (``graph_error``), not fatal."""
-    import torch
-
     from fastdarts.cuda_graph import GraphedStep, adam_capturable, hold_lr_on_device
     from fastdarts.search_loop import search_step
 
