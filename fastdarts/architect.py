@@ -153,6 +153,7 @@ class Architect:
             train_grads = _grads(train_loss, weights)
             self.grad_reduce(train_grads)  # every rank takes the same virtual step
             self._virtual_step(weights, train_grads)
+            del train_grads  # spent: one weight-sized copy less for the rest of the step
             val_loss = model.loss(x_val, y_val)
             grads = _grads(val_loss, alphas + weights)
             d_alpha, v = grads[: len(alphas)], grads[len(alphas):]
@@ -161,11 +162,13 @@ class Architect:
             # ε = 0.01/‖v‖ on the device (an `if norm == 0` would synchronise). For
             # v = 0 the floor keeps ε finite: w± = w, so the difference term is 0.
             eps = 0.01 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            # v ← εv in place, once: w± = w ± εv then needs no weight-sized temporary per pass.
+            torch._foreach_mul_(v, eps)
 
             def train_alpha_grad(sign: float) -> list[torch.Tensor]:
                 with torch.no_grad():
                     torch._foreach_copy_(weights, saved)
-                    torch._foreach_add_(weights, torch._foreach_mul(v, sign * eps))
+                    torch._foreach_add_(weights, v, alpha=sign)
                 # Only ∂L/∂α: with w frozen no backward computes a weight
                 # gradient (the fused backend cannot see autograd.grad's pruning).
                 with frozen(weights):

@@ -43,12 +43,17 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
+from torch.torch_version import TorchVersion
 
 from .errors import FastDartsError
 from .kernels.backend import KernelOps, kernel_ops
 from .kernels import meta_kernels  # noqa: F401  (Meta kernels: steps run on the meta device)
 from .kernels.bn_accumulate import accumulator_dtype
 from .ops import DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv, Zero
+
+# torch.autograd.grad takes a GradientEdge as its output from torch 2.5 on.
+_GRAD_FROM_EDGE = TorchVersion(torch.__version__) >= "2.5"
 
 # The body of a parametric candidate is a chain of these, applied functionally.
 _BODY_TYPES = (nn.ReLU, nn.Conv2d, nn.BatchNorm2d)
@@ -200,29 +205,60 @@ def _nchw(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _conv(conv: nn.Conv2d, h: torch.Tensor, params: Iterator[torch.Tensor]) -> torch.Tensor:
+def _conv(conv: nn.Conv2d, h: torch.Tensor, params: Iterator[torch.Tensor], stride=None) -> torch.Tensor:
+    """``conv(h)`` with the next parameter tensors (``stride``: instead of the conv's)."""
     weight = next(params)
     bias = next(params) if conv.bias is not None else None
     # NCHW weights: the edge computes in NCHW whatever the model's memory
     # format (a channels-last weight would make the output channels-last, and
     # every kernel would copy it). Weights are tiny next to activations.
-    return F.conv2d(h, _nchw(weight), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.conv2d(h, _nchw(weight), bias, conv.stride if stride is None else stride, conv.padding,
+                    conv.dilation, conv.groups)
 
 
-def _run_body(cand: _Candidate, inp: torch.Tensor, params: Sequence[torch.Tensor], update_stats: bool,
-              stride: int, ops: KernelOps) -> torch.Tensor:
-    """z = body(inp) with the given parameter tensors. Inner BNs update their
-    running statistics only when ``update_stats`` (the forward)."""
+def _body_inputs(cand: _Candidate, base: torch.Tensor) -> list[torch.Tensor]:
+    """What a candidate's body reads of its input ``base``: ``base`` itself or,
+    for FactorizedReduce, the two stride-2 samples its 1x1 convs read (at
+    [0::2, 0::2] and [1::2, 1::2]), as fresh contiguous tensors. The convs then
+    run with stride 1 on a quarter of the input, and their backward needs no
+    input-sized buffer (ATen's CPU backward of a strided 1x1 conv copies its
+    whole input to channels-last, and slicing back costs a zero-filled one)."""
+    if cand.factorized_reduce is None:
+        return [base]
+    return [base[:, :, i::2, i::2].clone(memory_format=torch.contiguous_format) for i in (0, 1)]
+
+
+def _add_input_grads(acc: torch.Tensor | None, cand: _Candidate, grads: Sequence[torch.Tensor],
+                     like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``acc`` plus the gradient of the body's input, given the gradients of
+    ``_body_inputs`` (fresh tensors from autograd.grad: the first becomes the
+    sum when there is none yet)."""
+    if cand.factorized_reduce is None:
+        g = grads[0].to(dtype)
+        return g if acc is None else acc.add_(g)
+    if acc is None:
+        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    for i, g in enumerate(grads):
+        acc[:, :, i::2, i::2].add_(g)
+    return acc
+
+
+def _run_body(cand: _Candidate, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+              update_stats: bool, stride: int, ops: KernelOps) -> torch.Tensor:
+    """z = body(input) with the given parameter tensors, from ``inputs =
+    _body_inputs(cand, input)``. Inner BNs update their running statistics
+    only when ``update_stats`` (the forward)."""
     if cand.pool_is_max is not None:
-        return ops.pool3x3(inp, stride, cand.pool_is_max)
+        return ops.pool3x3(inputs[0], stride, cand.pool_is_max)
     it = iter(params)
     if cand.factorized_reduce is not None:
         fr = cand.factorized_reduce
-        a, b = _conv(fr.conv_1, inp, it), _conv(fr.conv_2, inp[:, :, 1:, 1:], it)
+        # Stride 1 on the samples: the same sums as the module's stride-2 convs.
+        a, b = (_conv(conv, h, it, stride=1) for conv, h in zip((fr.conv_1, fr.conv_2), inputs))
         if b.shape[-2:] != a.shape[-2:]:
             b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
         return torch.cat([a, b], dim=1)
-    h = inp
+    h = inputs[0]
     for m in cand.body:
         if type(m) is nn.Conv2d:
             h = _conv(m, h, it)
@@ -279,7 +315,7 @@ def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights
         if cand.kind == "identity":
             acc = x.to(acc_dtype) * w[cand.index] if acc is None else acc.addcmul_(x, w[cand.index])
         elif cand.kind == "bn":
-            z = _run_body(cand, relu if cand.on_relu else x, cand_params, True, stride, ops)
+            z = _run_body(cand, _body_inputs(cand, relu if cand.on_relu else x), cand_params, True, stride, ops)
             mean, invstd = _final_bn_stats(cand.bn, z)
             if acc is None:
                 acc = torch.zeros(z.shape, dtype=acc_dtype, device=z.device)
@@ -289,6 +325,13 @@ def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights
     if acc is None:
         acc = _zeros_like_output(x, stride, acc_dtype)
     return acc.to(x.dtype), stats
+
+
+def _relu_backward_(d_relu: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """ReLU's backward, in place: ``d_relu`` zeroed where x <= 0 (None: nothing reached relu(x))."""
+    if d_relu is not None:
+        torch.ops.aten.threshold_backward.grad_input(d_relu, x.to(dtype), 0, grad_input=d_relu)
+    return d_relu
 
 
 class FusedMixedOpFunction(torch.autograd.Function):
@@ -346,50 +389,69 @@ class FusedMixedOpFunction(torch.autograd.Function):
         if need_w:
             zero = torch.zeros((), dtype=acc_dtype, device=x.device)
             d_weights = [zero] * len(weights)
-        dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
+        # ∂L/∂x and ∂L/∂relu(x): the first contribution becomes the sum (no
+        # zero-filled buffers). The ops on relu(x) run first, so relu(x) and
+        # its gradient are gone before the pools and the skip add to ∂L/∂x:
+        # at most two input-sized sums are alive at once, not three.
+        dx: torch.Tensor | None = None
+        d_relu: torch.Tensor | None = None
         relu = F.relu(x) if any(c.on_relu for c in cands) else None
-        d_relu = torch.zeros_like(dx) if need_x and relu is not None else None
         param_grads: list[torch.Tensor | None] = [None] * len(need_param)
-        stat_iter = iter(stats)
-        first = 0  # position of the candidate's first parameter in ``params``
+        layout, first, stat_iter = [], 0, iter(stats)  # per candidate: its parameters' positions, BN statistics
         for cand in cands:
-            k, positions = cand.index, range(first, first + len(cand.slots))
+            positions = range(first, first + len(cand.slots))
             first = positions.stop
+            layout.append((cand, positions, (next(stat_iter), next(stat_iter)) if cand.kind == "bn" else None))
+        layout.sort(key=lambda entry: not entry[0].on_relu)  # stable: the forward's order within each group
+        for cand, positions, cand_stats in layout:
+            k = cand.index
+            if relu is not None and not cand.on_relu:
+                dx, relu = _relu_backward_(d_relu, x, acc_dtype), None
             if cand.kind == "identity":
                 if need_w:
                     d_weights[k] = torch.dot(dy.reshape(-1).to(acc_dtype), x.reshape(-1).to(acc_dtype))
                 if need_x:
-                    dx.addcmul_(dy.to(acc_dtype), w[k])
+                    dx = dy.to(acc_dtype) * w[k] if dx is None else dx.addcmul_(dy.to(acc_dtype), w[k])
                 continue
             if cand.kind != "bn":
                 continue
-            mean, invstd = next(stat_iter), next(stat_iter)
+            mean, invstd = cand_stats
             wanted = [i for i in positions if need_param[i]]
             # Fresh leaves: the gradient is taken here, not through the outer graph.
             cand_params = [params[i].detach().requires_grad_(need_param[i]) for i in positions]
-            base = relu if cand.on_relu else x
+            sources = _body_inputs(cand, relu if cand.on_relu else x)
             if not (need_x or wanted):
-                z = _run_body(cand, base, cand_params, False, ctx.stride, ops)
+                z = _run_body(cand, sources, cand_params, False, ctx.stride, ops)
                 if need_w:
                     _, d_weights[k] = ops.bn_accumulate_backward(dy.to(z.dtype), z, mean, invstd, w[k], False)
+                del z, sources  # no reference to relu(x) may outlive the loop over the ops on it
                 continue
-            inp = base.detach().requires_grad_(need_x)
+            inputs = [t.detach().requires_grad_(need_x) for t in sources]
+            del sources
             with torch.enable_grad():
-                z = _run_body(cand, inp, cand_params, False, ctx.stride, ops)
+                z = _run_body(cand, inputs, cand_params, False, ctx.stride, ops)
             dz, dw_k = ops.bn_accumulate_backward(dy.to(z.dtype), z.detach(), mean, invstd, w[k], True)
             if need_w:
                 d_weights[k] = dw_k
-            inputs = ([inp] if need_x else []) + [cand_params[i - positions.start] for i in wanted]
-            grads = torch.autograd.grad(z, inputs, dz)
+            leaves = (inputs if need_x else []) + [cand_params[i - positions.start] for i in wanted]
+            # From z's graph node, not z: z (output-sized, saved by no op of a
+            # body) is freed before its backward runs.
+            root = get_gradient_edge(z) if _GRAD_FROM_EDGE else z
+            del z
+            grads = torch.autograd.grad(root, leaves, dz)
+            del root, dz, inputs
             if need_x:
-                (d_relu if cand.on_relu else dx).add_(grads[0])
-                grads = grads[1:]
-            for i, g in zip(wanted, grads):
+                if cand.on_relu:
+                    d_relu = _add_input_grads(d_relu, cand, grads[:len(leaves) - len(wanted)], x, acc_dtype)
+                else:
+                    dx = _add_input_grads(dx, cand, grads[:len(leaves) - len(wanted)], x, acc_dtype)
+            for i, g in zip(wanted, grads[len(grads) - len(wanted):]):
                 param_grads[i] = g
-            del z, dz, grads, inp
-        if d_relu is not None:
-            del relu
-            dx.add_(torch.ops.aten.threshold_backward(d_relu, x.to(acc_dtype), 0))  # ReLU's backward, once
+            del grads
+        if relu is not None:  # every candidate reads relu(x)
+            dx, relu = _relu_backward_(d_relu, x, acc_dtype), None
+        if need_x and dx is None:  # no candidate reaches x (every op is `none`)
+            dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
         return (None, None,
                 dx.to(x.dtype) if need_x else None,
                 torch.stack(d_weights).to(weights.dtype) if need_w else None,

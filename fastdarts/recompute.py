@@ -5,7 +5,9 @@
   edge outputs, stay alive as the next edges' inputs).
 - ``cell``: each cell keeps only its two inputs (the previous cells'
   outputs) and rebuilds its node states in backward, one cell at a time
-  (``torch.utils.checkpoint`` around the cell, with any backend inside).
+  (``torch.utils.checkpoint`` around the cell, with any backend inside);
+  the stem keeps only the images (its conv output, kept for its BatchNorm,
+  is as large as a cell's input).
   Same loss, gradients and BatchNorm statistics: the recompute freezes the
   running statistics (the forward moved them), and runs from the parameter
   tensors the forward used, passed as arguments, not read from the modules
@@ -31,21 +33,26 @@ def check_recompute(mode: str) -> str:
     return mode
 
 
-def _cell_with_params(cell: nn.Module, names: list[str], s0: torch.Tensor, s1: torch.Tensor,
-                      arguments: tuple, *params: torch.Tensor) -> torch.Tensor:
-    return functional_call(cell, dict(zip(names, params)), (s0, s1, *arguments))
+def _module_with_params(module: nn.Module, names: list[str], inputs: tuple, *params: torch.Tensor) -> torch.Tensor:
+    return functional_call(module, dict(zip(names, params)), inputs)
+
+
+def recompute_module(module: nn.Module, *inputs) -> torch.Tensor:
+    """``module(*inputs)`` that keeps only ``inputs`` for backward and runs
+    again, from the same parameter tensors, in backward."""
+    names, params = zip(*module.named_parameters()) if any(True for _ in module.parameters()) else ((), ())
+    return checkpoint(
+        _module_with_params, module, list(names), inputs, *params,
+        use_reentrant=False,
+        # Random numbers are drawn only by P-DARTS' skip dropout: the recompute
+        # must then draw the forward's masks.
+        preserve_rng_state=module.training and any(getattr(m, "skip_dropout", None) is not None
+                                                   for m in module.modules()),
+        context_fn=lambda: running_stats_frozen_context(module),
+    )
 
 
 def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, *arguments) -> torch.Tensor:
     """``cell(s0, s1, *arguments)`` that keeps only its inputs for backward
     (``arguments``: the op weights, edge scales and paths of the cell)."""
-    names, params = zip(*cell.named_parameters()) if any(True for _ in cell.parameters()) else ((), ())
-    return checkpoint(
-        _cell_with_params, cell, list(names), s0, s1, arguments, *params,
-        use_reentrant=False,
-        # Random numbers are drawn only by P-DARTS' skip dropout: the recompute
-        # must then draw the forward's masks.
-        preserve_rng_state=cell.training and any(getattr(m, "skip_dropout", None) is not None
-                                                 for m in cell.modules()),
-        context_fn=lambda: running_stats_frozen_context(cell),
-    )
+    return recompute_module(cell, s0, s1, *arguments)

@@ -29,7 +29,7 @@ from .methods.partial_channels import PartialChannelMixedOp, check_partial_chann
 from .methods.path_sampling import PathSampler, check_sample_paths
 from .methods.progressive import check_edge_ops
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
-from .recompute import check_recompute, recompute_cell
+from .recompute import check_recompute, recompute_cell, recompute_module
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
 
@@ -97,7 +97,8 @@ class SearchNetwork(nn.Module):
         backend: how mixed operations are evaluated (``mixed_op.MIXED_OP_BACKENDS``).
         recompute: ``"edge"`` (what the backend keeps for backward) or
             ``"cell"``: each cell keeps only its two inputs and rebuilds its
-            node states in backward (``recompute.py``); same results.
+            node states in backward, the stem only the images
+            (``recompute.py``); same results.
         partial_channels: PC-DARTS' K (1: every channel goes through the ops).
         edge_norm: PC-DARTS' edge normalisation (β, ``methods/edge_norm.py``).
         sample_paths: ProxylessNAS' paths per edge in the architecture step
@@ -230,10 +231,11 @@ class SearchNetwork(nn.Module):
         auxiliary skip are off: e.g. ``genotype.genotype_op_weights`` scores an
         architecture as a discrete sub-network of the supernet (SPEC §9)."""
         arguments = self._cell_arguments(op_weights)
-        s0 = s1 = self.stem(x)
+        cell_recompute = self.recompute == "cell" and torch.is_grad_enabled()
+        s0 = s1 = recompute_module(self.stem, x) if cell_recompute else self.stem(x)
         for cell in self.cells:
             args = arguments[cell.reduction]
-            if self.recompute == "cell" and torch.is_grad_enabled():
+            if cell_recompute:
                 s0, s1 = s1, recompute_cell(cell, s0, s1, *args)
             else:
                 s0, s1 = s1, cell(s0, s1, *args)

@@ -47,6 +47,31 @@ def test_cell_recompute_keeps_only_the_cell_inputs(backend):
     assert cell < 0.5 * edge, (cell, edge)
 
 
+def _kept_shapes(net, x, y) -> list[tuple]:
+    """Shapes of what autograd keeps outside the recomputed regions."""
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net.loss(x, y)
+    return kept
+
+
+def test_cell_recompute_keeps_only_the_images_of_the_stem():
+    # The stem's conv output, kept for its BatchNorm, is as large as a cell's
+    # input: with recompute="cell" the stem is rebuilt from the images too.
+    torch.manual_seed(2)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    edge, cell = tiny_net(backend="fused"), tiny_net(backend="fused", recompute="cell")
+    with torch.no_grad():
+        stem_shape = tuple(cell.stem(x).shape)
+    assert stem_shape in _kept_shapes(edge, x, y)  # what the check below would see without it
+    assert stem_shape not in _kept_shapes(cell, x, y)
+
+
 def test_cell_recompute_second_order_steps_give_the_reference_alpha():
     from fastdarts import Architect
     from fastdarts.search_loop import search_step
