@@ -440,14 +440,14 @@ class FusedMixedOpFunction(torch.autograd.Function):
             del z
             grads = torch.autograd.grad(root, leaves, dz)
             del root, dz, inputs
-            if need_x:
-                if cand.on_relu:
-                    d_relu = _add_input_grads(d_relu, cand, grads[:len(leaves) - len(wanted)], x, acc_dtype)
-                else:
-                    dx = _add_input_grads(dx, cand, grads[:len(leaves) - len(wanted)], x, acc_dtype)
-            for i, g in zip(wanted, grads[len(grads) - len(wanted):]):
+            input_grads, grads = grads[:len(grads) - len(wanted)], grads[len(grads) - len(wanted):]
+            if need_x and cand.on_relu:
+                d_relu = _add_input_grads(d_relu, cand, input_grads, x, acc_dtype)
+            elif need_x:
+                dx = _add_input_grads(dx, cand, input_grads, x, acc_dtype)
+            for i, g in zip(wanted, grads):
                 param_grads[i] = g
-            del grads
+            del grads, input_grads
         if relu is not None:  # every candidate reads relu(x)
             dx, relu = _relu_backward_(d_relu, x, acc_dtype), None
         if need_x and dx is None:  # no candidate reaches x (every op is `none`)
