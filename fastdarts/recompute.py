@@ -7,7 +7,9 @@
   outputs) and rebuilds its node states in backward, one cell at a time
   (``torch.utils.checkpoint`` around the cell, with any backend inside);
   the stem keeps only the images (its conv output, kept for its BatchNorm,
-  is as large as a cell's input).
+  is as large as a cell's input). The FactorizedReduce of a cell after a
+  reduction cell runs before that reduction cell, which puts its backward
+  after the reduction cell's (``SearchNetwork.forward``).
   Same loss, gradients and BatchNorm statistics: the recompute freezes the
   running statistics (the forward moved them), and runs from the parameter
   tensors the forward used, passed as arguments, not read from the modules
@@ -33,16 +35,18 @@ def check_recompute(mode: str) -> str:
     return mode
 
 
-def _module_with_params(module: nn.Module, names: list[str], inputs: tuple, *params: torch.Tensor) -> torch.Tensor:
-    return functional_call(module, dict(zip(names, params)), inputs)
+def _module_with_params(module: nn.Module, names: list[str], inputs: tuple, options: dict,
+                        *params: torch.Tensor) -> torch.Tensor:
+    return functional_call(module, dict(zip(names, params)), inputs, options)
 
 
-def recompute_module(module: nn.Module, *inputs) -> torch.Tensor:
-    """``module(*inputs)`` that keeps only ``inputs`` for backward and runs
-    again, from the same parameter tensors, in backward."""
+def recompute_module(module: nn.Module, *inputs, **options) -> torch.Tensor:
+    """``module(*inputs, **options)`` that keeps only ``inputs`` for backward
+    and runs again, from the same parameter tensors, in backward
+    (``options``: keyword arguments that are not tensors)."""
     names, params = zip(*module.named_parameters()) if any(True for _ in module.parameters()) else ((), ())
     return checkpoint(
-        _module_with_params, module, list(names), inputs, *params,
+        _module_with_params, module, list(names), inputs, options, *params,
         use_reentrant=False,
         # Random numbers are drawn only by P-DARTS' skip dropout: the recompute
         # must then draw the forward's masks.
@@ -52,7 +56,9 @@ def recompute_module(module: nn.Module, *inputs) -> torch.Tensor:
     )
 
 
-def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, *arguments) -> torch.Tensor:
+def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, *arguments,
+                   s0_preprocessed: bool = False) -> torch.Tensor:
     """``cell(s0, s1, *arguments)`` that keeps only its inputs for backward
-    (``arguments``: the op weights, edge scales and paths of the cell)."""
-    return recompute_module(cell, s0, s1, *arguments)
+    (``arguments``: the op weights, edge scales and paths of the cell;
+    ``s0_preprocessed``: s0 is the output of ``cell.preprocess_ahead``)."""
+    return recompute_module(cell, s0, s1, *arguments, s0_preprocessed=s0_preprocessed)

@@ -33,6 +33,29 @@ from .recompute import check_recompute, recompute_cell, recompute_module
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
 
 
+class _ConcatNodes(torch.autograd.Function):
+    """``torch.cat(states, dim=1)`` whose backward hands each state a
+    gradient of its own. ``cat``'s backward gives channel slices of one
+    buffer: a node whose gradient also comes from later edges then cannot
+    sum in place (the sum is a new tensor), and the whole cell-output
+    gradient stays alive until the last slice is dropped. Owned copies
+    release it at once and sum in place. Same values (copies)."""
+
+    @staticmethod
+    def forward(ctx, *states: torch.Tensor) -> torch.Tensor:
+        ctx.channels = [s.shape[1] for s in states]
+        return torch.cat(states, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return tuple(g.contiguous() for g in grad.split(ctx.channels, dim=1))
+
+
+def concat_nodes(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A cell's output: its last nodes concatenated along the channels."""
+    return _ConcatNodes.apply(*states)
+
+
 class SearchCell(nn.Module):
     """A cell of the supernet: 2 inputs, ``steps`` intermediate nodes, the
     output concatenates the last ``multiplier`` of them. ``edge_ops``: the
@@ -60,18 +83,29 @@ class SearchCell(nn.Module):
             edge_ops = [edge_ops] * len(pairs)
         self.edges = nn.ModuleList(edge(2 if reduction and j < 2 else 1, ops) for (i, j), ops in zip(pairs, edge_ops))
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                edge_scales: torch.Tensor | None = None, paths: tuple | None = None,
-                aux_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``weights``: one row of op weights per edge (with ``paths``, one per
-        sampled path); ``edge_scales``: softmax(β) per edge (edge normalisation);
-        ``aux_weight``: DARTS-' β_t of the auxiliary skip."""
+    def _preprocess(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
         if self.edges[0].backend == "fused":
             # The preprocessing's ReLU and conv outputs are the largest
             # activations left once the edges keep none: recompute them too.
-            states = [fused_preprocess(self.preprocess0, s0), fused_preprocess(self.preprocess1, s1)]
-        else:
-            states = [self.preprocess0(s0), self.preprocess1(s1)]
+            return fused_preprocess(module, s)
+        return module(s)
+
+    def preprocess_ahead(self, s0: torch.Tensor) -> torch.Tensor:
+        """``preprocess0(s0)`` keeping only ``s0`` for backward, for a caller
+        that runs it ahead of the cell and passes ``s0_preprocessed=True``."""
+        if self.edges[0].backend == "fused":
+            return fused_preprocess(self.preprocess0, s0)
+        return recompute_module(self.preprocess0, s0)
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                edge_scales: torch.Tensor | None = None, paths: tuple | None = None,
+                aux_weight: torch.Tensor | None = None, s0_preprocessed: bool = False) -> torch.Tensor:
+        """``weights``: one row of op weights per edge (with ``paths``, one per
+        sampled path); ``edge_scales``: softmax(β) per edge (edge normalisation);
+        ``aux_weight``: DARTS-' β_t of the auxiliary skip; ``s0_preprocessed``:
+        ``s0`` is ``preprocess_ahead``'s output."""
+        states = [s0 if s0_preprocessed else self._preprocess(self.preprocess0, s0),
+                  self._preprocess(self.preprocess1, s1)]
         offset = 0
         for _ in range(self.steps):
             s = sum(self.edges[offset + j](h, weights[offset + j], None if paths is None else paths[offset + j],
@@ -79,7 +113,7 @@ class SearchCell(nn.Module):
                     for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
-        return torch.cat(states[-self.multiplier:], dim=1)
+        return concat_nodes(states[-self.multiplier:])
 
 
 class SearchNetwork(nn.Module):
@@ -233,12 +267,24 @@ class SearchNetwork(nn.Module):
         arguments = self._cell_arguments(op_weights)
         cell_recompute = self.recompute == "cell" and torch.is_grad_enabled()
         s0 = s1 = recompute_module(self.stem, x) if cell_recompute else self.stem(x)
-        for cell in self.cells:
+        ahead = None  # the next cell's FactorizedReduce of s1, run before the cell (below)
+        for i, cell in enumerate(self.cells):
             args = arguments[cell.reduction]
-            if cell_recompute:
-                s0, s1 = s1, recompute_cell(cell, s0, s1, *args)
-            else:
+            if not cell_recompute:
                 s0, s1 = s1, cell(s0, s1, *args)
+                continue
+            s0_ahead, ahead = ahead, None
+            following = self.cells[i + 1] if i + 1 < len(self.cells) else None
+            if following is not None and isinstance(following.preprocess0, FactorizedReduce):
+                # The cell after a reduction cell halves s1 (this reduction cell's
+                # input) with a FactorizedReduce. Run it now, before this cell:
+                # autograd runs backward in reverse creation order, so its
+                # backward, which makes a gradient of s1's full size, then comes
+                # after this cell's backward instead of being held through it
+                # (8 MiB at issue 3's setting, where that backward is the peak).
+                ahead = following.preprocess_ahead(s1)
+            s0, s1 = s1, recompute_cell(cell, s0 if s0_ahead is None else s0_ahead, s1, *args,
+                                        s0_preprocessed=s0_ahead is not None)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

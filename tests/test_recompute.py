@@ -108,3 +108,55 @@ def test_unknown_recompute_mode_is_a_clear_error():
         tiny_net(recompute="node")
     with pytest.raises(FastDartsError, match="unknown recompute mode"):
         SearchConfig(recompute="node").checked()
+
+
+def _fused_backward_order(net, x, y) -> list[str]:
+    """The order in which backward runs the fused Functions of ``net``: "pp-fr"
+    for a FactorizedReduce preprocessing, "reduce-edge" for a stride-2 edge."""
+    from fastdarts.fused_mixed_op import FusedMixedOpFunction
+
+    order, backward = [], FusedMixedOpFunction._backward
+
+    def recording(ctx, dy):
+        if len(ctx.cands) == 1 and ctx.cands[0].factorized_reduce is not None:
+            order.append("pp-fr")
+        elif ctx.stride == 2:
+            order.append("reduce-edge")
+        return backward(ctx, dy)
+
+    FusedMixedOpFunction._backward = staticmethod(recording)
+    try:
+        net.loss(x, y).backward()
+    finally:
+        FusedMixedOpFunction._backward = staticmethod(backward)
+    return order
+
+
+def test_cell_recompute_runs_the_backward_of_a_factorized_reduce_after_the_reduction_cell():
+    # N,R,N: cell 2 halves cell 0's output (its first input) with a
+    # FactorizedReduce, whose backward makes a gradient of that output's full
+    # size. Under recompute="cell" the FactorizedReduce runs before cell 1, so
+    # its backward comes after cell 1's and that gradient is not held through
+    # the reduction cell's backward (the peak of a step).
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    edge = _fused_backward_order(tiny_net(backend="fused"), x, y)
+    cell = _fused_backward_order(tiny_net(backend="fused", recompute="cell"), x, y)
+    assert edge.count("pp-fr") == cell.count("pp-fr") == 1 and "reduce-edge" in cell
+    assert edge.index("pp-fr") < edge.index("reduce-edge")  # the order without it
+    assert cell.index("pp-fr") > max(i for i, name in enumerate(cell) if name == "reduce-edge")
+
+
+@pytest.mark.parametrize("layout", ["R,R,N", "N,R", "N,R,R"])
+def test_cell_recompute_gives_the_reference_with_reductions_anywhere(layout):
+    # A FactorizedReduce run ahead of the first cell (R,R), none to run (a
+    # reduction cell last): the same numbers as without the recompute.
+    torch.manual_seed(4)
+    ref = tiny_net(backend="reference", layout=layout)
+    net = tiny_net(backend="reference", layout=layout, recompute="cell")
+    net.load_state_dict(ref.state_dict())
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    (loss_r, grads_r), (loss_c, grads_c) = _grads(ref, x, y), _grads(net, x, y)
+    assert torch.equal(loss_c, loss_r)
+    for gr, gc in zip(grads_r, grads_c):
+        torch.testing.assert_close(gc, gr, rtol=1e-6, atol=1e-7)

@@ -135,3 +135,23 @@ def test_genotype_and_alpha_summaries():
 def test_bad_network_arguments(kw, needle):
     with pytest.raises(FastDartsError, match=needle):
         tiny_net(**kw)
+
+
+def test_the_cell_output_gives_each_node_a_gradient_of_its_own():
+    from fastdarts.supernet import concat_nodes
+
+    torch.manual_seed(5)
+    states = [torch.randn(3, c, 5, 7, requires_grad=True) for c in (2, 4, 1)]
+    grad = torch.randn(3, 7, 5, 7)
+    ours = torch.autograd.grad(concat_nodes(states), states, grad)
+    cats = torch.autograd.grad(torch.cat(states, dim=1), states, grad)
+    assert torch.equal(concat_nodes(states), torch.cat(states, dim=1))
+    for g, c in zip(ours, cats):
+        assert torch.equal(g, c)
+        assert c._base is not None  # cat's: a slice of one buffer, which it keeps alive
+        assert g._base is None and g.is_contiguous()  # ours: owned, so later edges sum into it in place
+    # Differentiable twice (the reference backend's create_graph=True).
+    x = states[0]
+    (g,) = torch.autograd.grad((concat_nodes([x * x, states[1]]) * grad[:, :6]).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(gg, 2 * grad[:, :2])
