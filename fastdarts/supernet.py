@@ -83,8 +83,12 @@ class SearchCell(nn.Module):
             edge_ops = [edge_ops] * len(pairs)
         self.edges = nn.ModuleList(edge(2 if reduction and j < 2 else 1, ops) for (i, j), ops in zip(pairs, edge_ops))
 
+    @property
+    def _fused(self) -> bool:
+        return self.edges[0].backend == "fused"
+
     def _preprocess(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
-        if self.edges[0].backend == "fused":
+        if self._fused:
             # The preprocessing's ReLU and conv outputs are the largest
             # activations left once the edges keep none: recompute them too.
             return fused_preprocess(module, s)
@@ -93,7 +97,7 @@ class SearchCell(nn.Module):
     def preprocess_ahead(self, s0: torch.Tensor) -> torch.Tensor:
         """``preprocess0(s0)`` keeping only ``s0`` for backward, for a caller
         that runs it ahead of the cell and passes ``s0_preprocessed=True``."""
-        if self.edges[0].backend == "fused":
+        if self._fused:  # fused_preprocess keeps only its input already
             return fused_preprocess(self.preprocess0, s0)
         return recompute_module(self.preprocess0, s0)
 
