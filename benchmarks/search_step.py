@@ -19,6 +19,11 @@ weigh most on the leanest backend. Then:
   meaningful figure: memory freed by a step stays resident in the C heap,
   so the peak of a later step above its baseline says little.
 The step time is the median of ``--repeat`` steps after ``--warmup`` more.
+``--rounds N`` runs the whole list of measurements N times, round-robin,
+each in a fresh process, and reports per row the median over the rounds
+(JSON ``step_seconds_rounds``, ``peak_memory_bytes_rounds``: every round's):
+this machine's speed drifts by up to a third over minutes, and round-robin
+spreads a drift over every backend instead of the one measured during it.
 ``load_average`` (column ``load``) is the machine's 1-minute load average
 at the end of a measurement: above the number of threads, other processes
 competed for the cores and the step time means little.
@@ -39,6 +44,8 @@ the ratios ``mem/darts``, ``time/darts`` (to DARTS on the same backend,
 order and recompute mode) appear when more than one method is measured.
 
     python benchmarks/search_step.py --device cpu --order second --batch-size 64 --layers 8
+    # step time against reference, three rounds round-robin (issue 11 §4's time target)
+    python benchmarks/search_step.py --device cpu --order second --channels 16 --layers 5 --batch-size 32 --backends reference,fused --recompute edge,cell --repeat 2 --rounds 3 --no-op-count
     # memory against the number of candidate ops (4..10 of the extended list), with a plot
     python benchmarks/search_step.py --sweep-ops --plot sweep.png --json sweep.json --repeat 1 --warmup 0
     # GPU: the largest batch each backend fits, and its images/s there
@@ -301,6 +308,31 @@ def _run_worker(args, backend: str, order: str, ops: str, batch_size: int | None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Per-process figures that --rounds reports as medians over the rounds.
+_ROUND_FIGURES = ("step_seconds", "peak_memory_bytes", "graph_step_seconds", "graph_peak_memory_bytes")
+
+
+def merge_rounds(rows: list[dict]) -> dict:
+    """One measurement repeated in several rounds (fresh processes) as one
+    row: the median of each figure, every round's value in ``<figure>_rounds``,
+    the highest load average of any round."""
+    merged = dict(rows[0])
+    if len(rows) == 1:
+        return merged
+    for key in _ROUND_FIGURES:
+        values = [r.get(key) for r in rows]
+        if all(isinstance(v, (int, float)) for v in values):
+            merged[key] = statistics.median(values)
+            merged[f"{key}_rounds"] = values
+    merged["images_per_second"] = merged["batch_size"] / merged["step_seconds"]
+    if "graph_step_seconds" in merged:
+        merged["graph_images_per_second"] = merged["batch_size"] / merged["graph_step_seconds"]
+    loads = [r["load_average"] for r in rows if r.get("load_average") is not None]
+    merged["load_average"] = max(loads) if loads else None
+    merged["rounds"] = len(rows)
+    return merged
+
+
 def find_max_batch(args, backend: str, order: str, recompute: str = "edge", method: str = "darts") -> dict:
     """The largest batch (to within 1/8) whose full search step fits: double
     from --batch-size until a step runs out of memory, then bisect; at most
@@ -490,6 +522,9 @@ def main(argv=None) -> int:
     p.add_argument("--order", default="second", help="first, second, or both")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed steps; the median is reported")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every measurement this many times, round-robin, each in a fresh process; report "
+                        "the medians (a drift of the machine's speed then falls on every backend alike)")
     p.add_argument("--warmup-batch", type=int, default=2,
                    help="images in the warm-up step before the memory baseline (0: none)")
     p.add_argument("--no-op-count", dest="op_count", action="store_false",
@@ -521,6 +556,10 @@ def main(argv=None) -> int:
     op_counts = [str(n) for n in range(4, 11)] if args.sweep_ops else [args.ops]
     modes = args.recompute.split(",")
     depths = [int(c) for c in args.cells.split(",")] if args.cells else [args.layers]
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.rounds > 1 and args.find_max_batch:
+        p.error("--rounds does not combine with --find-max-batch (a bisection of fresh processes already)")
     if args.cells and args.find_max_batch:
         p.error("--cells does not combine with --find-max-batch (which searches the batch at --layers)")
     if args.budget_gib is not None and len(depths) < 2:
@@ -540,11 +579,13 @@ def main(argv=None) -> int:
     if args.find_max_batch:
         results = [find_max_batch(args, backend, order, mode, method) for method, order, _, mode, backend, _ in runs]
     else:
-        results = [_run_worker(args, backend, order, ops, recompute=mode, method=method, layers=cells)
-                   for method, order, ops, mode, backend, cells in runs]
+        rounds = [[_run_worker(args, backend, order, ops, recompute=mode, method=method, layers=cells)
+                   for method, order, ops, mode, backend, cells in runs] for _ in range(args.rounds)]
+        results = [merge_rounds([r[i] for r in rounds]) for i in range(len(runs))]
 
     config = dict(channels=args.channels, layers=",".join(map(str, depths)), batch_size=args.batch_size,
                   image_size=args.image_size, ops=",".join(op_counts), warmup=args.warmup, repeat=args.repeat,
+                  rounds=args.rounds,
                   warmup_batch=args.warmup_batch, aten_ops_counted_on="cpu", methods=methods)
     from fastdarts.kernels.backend import kernel_backend
 

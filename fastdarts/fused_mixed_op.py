@@ -75,6 +75,7 @@ class _Candidate:
     on_relu: bool = False
     pool_is_max: bool | None = None       # a 3x3 pool: max (True) or average (False)
     factorized_reduce: FactorizedReduce | None = None
+    pointwise: bool = False               # the body is one bias-free 1x1 conv, stride 1 (``_pointwise_backward``)
     slots: list[tuple[nn.Module, str]] = field(default_factory=list)
 
 
@@ -104,7 +105,12 @@ def _conv_candidate(index: int, op: nn.Module, seq: nn.Sequential) -> _Candidate
     mods = list(seq)
     if not (isinstance(mods[0], nn.ReLU) and isinstance(mods[-1], nn.modules.batchnorm._BatchNorm)):
         raise _unsupported(index, op, "is not ReLU -> ... -> BatchNorm")
-    return _Candidate("bn", index, body=mods[1:-1], bn=mods[-1], on_relu=True)
+    body = mods[1:-1]
+    conv = body[0] if len(body) == 1 else None
+    pointwise = (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                 and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1
+                 and conv.bias is None)
+    return _Candidate("bn", index, body=body, bn=mods[-1], on_relu=True, pointwise=pointwise)
 
 
 def _candidate(index: int, op: nn.Module) -> _Candidate:
@@ -327,6 +333,24 @@ def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights
     return acc.to(x.dtype), stats
 
 
+def _pointwise_weight_grad(h: torch.Tensor, weight: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """∂L/∂W of ``z = conv1x1(h, W)`` (stride 1, no bias): Σ_n dz_n·h_nᵀ, one
+    batched matmul over the channels that allocates a (N, C_out, C_in) result only."""
+    n, c_out, c_in = dz.shape[0], dz.shape[1], h.shape[1]
+    d_weight = torch.bmm(dz.reshape(n, c_out, -1), h.reshape(n, c_in, -1).transpose(1, 2)).sum(0)
+    return d_weight.reshape(weight.shape).to(weight.dtype)
+
+
+def _pointwise_input_grad(weight: torch.Tensor, dz: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+    """∂L/∂h of ``z = conv1x1(h, W)``: Wᵀ·dz, which needs no h (so h can be
+    freed first) and allocates the result only. ATen's CPU convolution
+    backward also allocates blocked copies of dz and of ∂L/∂h; with h alive
+    as well, a cell's input preprocessing (h: the previous cell's whole
+    output) was the search step's peak."""
+    n, c_out = dz.shape[:2]
+    return torch.matmul(weight.reshape(c_out, -1).t(), dz.reshape(n, c_out, -1)).reshape(input_shape)
+
+
 def _relu_backward_(d_relu: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """ReLU's backward, in place: ``d_relu`` zeroed where x <= 0 (None: nothing reached relu(x))."""
     if d_relu is not None:
@@ -403,10 +427,14 @@ class FusedMixedOpFunction(torch.autograd.Function):
             first = positions.stop
             layout.append((cand, positions, (next(stat_iter), next(stat_iter)) if cand.kind == "bn" else None))
         layout.sort(key=lambda entry: not entry[0].on_relu)  # stable: the forward's order within each group
+        # relu(x) is dropped once the last op on it has taken what it reads;
+        # its backward is applied to ∂L/∂relu(x) once, after the last such op.
+        last_on_relu = next((c for c, _, _ in reversed(layout) if c.on_relu), None)
+        relu_pending = relu is not None
         for cand, positions, cand_stats in layout:
             k = cand.index
-            if relu is not None and not cand.on_relu:
-                dx, relu = _relu_backward_(d_relu, x, acc_dtype), None
+            if relu_pending and not cand.on_relu:
+                dx, relu_pending = _relu_backward_(d_relu, x, acc_dtype), False
             if cand.kind == "identity":
                 if need_w:
                     d_weights[k] = torch.dot(dy.reshape(-1).to(acc_dtype), x.reshape(-1).to(acc_dtype))
@@ -420,11 +448,29 @@ class FusedMixedOpFunction(torch.autograd.Function):
             # Fresh leaves: the gradient is taken here, not through the outer graph.
             cand_params = [params[i].detach().requires_grad_(need_param[i]) for i in positions]
             sources = _body_inputs(cand, relu if cand.on_relu else x)
+            if cand is last_on_relu:
+                relu = None
             if not (need_x or wanted):
                 z = _run_body(cand, sources, cand_params, False, ctx.stride, ops)
                 if need_w:
                     _, d_weights[k] = ops.bn_accumulate_backward(dy.to(z.dtype), z, mean, invstd, w[k], False)
                 del z, sources  # no reference to relu(x) may outlive the loop over the ops on it
+                continue
+            if cand.pointwise:  # one 1x1 conv (a cell's preprocessing): its gradients by matmul
+                z = _run_body(cand, sources, cand_params, False, ctx.stride, ops)
+                dz, dw_k = ops.bn_accumulate_backward(dy.to(z.dtype), z, mean, invstd, w[k], True)
+                del z
+                if need_w:
+                    d_weights[k] = dw_k
+                weight = cand_params[0]
+                if wanted:
+                    param_grads[positions.start] = _pointwise_weight_grad(sources[0], weight, dz)
+                del sources  # the body's input is freed before its gradient is allocated
+                if need_x:
+                    d_input = _pointwise_input_grad(weight, dz, x.shape)
+                    d_relu = _add_input_grads(d_relu, cand, [d_input], x, acc_dtype)
+                    del d_input
+                del dz
                 continue
             inputs = [t.detach().requires_grad_(need_x) for t in sources]
             del sources
@@ -448,8 +494,8 @@ class FusedMixedOpFunction(torch.autograd.Function):
             for i, g in zip(wanted, grads):
                 param_grads[i] = g
             del grads, input_grads
-        if relu is not None:  # every candidate reads relu(x)
-            dx, relu = _relu_backward_(d_relu, x, acc_dtype), None
+        if relu_pending:  # every candidate reads relu(x)
+            dx = _relu_backward_(d_relu, x, acc_dtype)
         if need_x and dx is None:  # no candidate reaches x (every op is `none`)
             dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
         return (None, None,

@@ -130,6 +130,48 @@ def test_fused_gradcheck_float64():
             eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def _preprocessing_grads(module, x, use_fused, need_x, need_weight):
+    from fastdarts.fused_mixed_op import fused_preprocess
+
+    x = x.clone().requires_grad_(need_x)
+    module.op[1].weight.requires_grad_(need_weight)
+    y = fused_preprocess(module, x) if use_fused else module(x)
+    leaves = [t for t, need in ((x, need_x), (module.op[1].weight, need_weight)) if need]
+    grads = torch.autograd.grad((y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum(), leaves)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("need_x,need_weight", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_cells_1x1_preprocessing_takes_the_matmul_backward_and_gives_the_reference(need_x, need_weight, dtype):
+    """ReLU -> 1x1 conv -> BN (a cell's preprocessing) differentiates its conv
+    with two matmuls instead of the convolution backward: odd sizes, every
+    combination of wanted gradients, against the module itself."""
+    from fastdarts.ops import ReLUConvBN
+
+    torch.manual_seed(7)
+    module = ReLUConvBN(5, 7, 1, 1, 0, affine=False).to(dtype)
+    assert _candidate(0, module).pointwise
+    # Other convs keep the autograd backward: k > 1, stride 2, a bias.
+    assert not _candidate(0, ReLUConvBN(5, 7, 3, 1, 1, affine=False)).pointwise
+    assert not _candidate(0, ReLUConvBN(5, 7, 1, 2, 0, affine=False)).pointwise
+    biased = ReLUConvBN(5, 7, 1, 1, 0, affine=False)
+    biased.op[1] = torch.nn.Conv2d(5, 7, 1, bias=True)
+    assert not _candidate(0, biased).pointwise
+    x = torch.randn(3, 5, 5, 3, dtype=dtype)
+    reference = ReLUConvBN(5, 7, 1, 1, 0, affine=False).to(dtype)
+    reference.load_state_dict(module.state_dict())
+    y_r, grads_r = _preprocessing_grads(reference, x, False, need_x, need_weight)
+    y_f, grads_f = _preprocessing_grads(module, x, True, need_x, need_weight)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_f, y_r, **tol)
+    assert len(grads_f) == len(grads_r) == need_x + need_weight
+    for gf, gr in zip(grads_f, grads_r):
+        assert gf.dtype == gr.dtype and gf.shape == gr.shape
+        torch.testing.assert_close(gf, gr, rtol=tol["rtol"], atol=tol["atol"] * gr.abs().max().item())
+    torch.testing.assert_close(module.op[2].running_var, reference.op[2].running_var, **tol)
+
+
 # One bf16 rounding at the scale of the result (unit roundoff 2^-9, so 2^-8
 # covers a rounding of each of the two results compared).
 BF16_FLOOR = 2.0 ** -8
