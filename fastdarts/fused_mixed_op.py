@@ -35,6 +35,7 @@ register, are not run for the modules inside a fused edge.)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ class _Candidate:
     on_relu: bool = False
     pool_is_max: bool | None = None       # a 3x3 pool: max (True) or average (False)
     factorized_reduce: FactorizedReduce | None = None
-    pointwise: bool = False               # the body is one bias-free 1x1 conv, stride 1 (``_pointwise_backward``)
+    pointwise: bool = False               # the body is one bias-free 1x1 conv, stride 1 (``_pointwise_*_grad``)
     slots: list[tuple[nn.Module, str]] = field(default_factory=list)
 
 
@@ -335,9 +336,15 @@ def fused_forward(cands: list[_Candidate], stride: int, x: torch.Tensor, weights
 
 def _pointwise_weight_grad(h: torch.Tensor, weight: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """∂L/∂W of ``z = conv1x1(h, W)`` (stride 1, no bias): Σ_n dz_n·h_nᵀ, one
-    batched matmul over the channels that allocates a (N, C_out, C_in) result only."""
+    batched matmul over the channels that allocates a (N, C_out, C_in) result
+    only. It runs in h's dtype whatever the autocast state: under autocast h
+    is fp32, and a 16-bit bmm would round each sample's product before the
+    sum over the batch (the convolution backward rounds once)."""
     n, c_out, c_in = dz.shape[0], dz.shape[1], h.shape[1]
-    d_weight = torch.bmm(dz.reshape(n, c_out, -1), h.reshape(n, c_in, -1).transpose(1, 2)).sum(0)
+    device_type = h.device.type
+    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
+        d_weight = torch.bmm(dz.reshape(n, c_out, -1).to(h.dtype), h.reshape(n, c_in, -1).transpose(1, 2)).sum(0)
     return d_weight.reshape(weight.shape).to(weight.dtype)
 
 
