@@ -98,7 +98,7 @@ class SearchCell(nn.Module):
         """``preprocess0(s0)`` keeping only ``s0`` for backward, for a caller
         that runs it ahead of the cell and passes ``s0_preprocessed=True``."""
         if self._fused:  # fused_preprocess keeps only its input already
-            return fused_preprocess(self.preprocess0, s0)
+            return self._preprocess(self.preprocess0, s0)
         return recompute_module(self.preprocess0, s0)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
