@@ -22,6 +22,12 @@ reductions at cells 2 and 5): every edge of a normal cell, and every mixed
 op's output, is [64, 16, 32, 32], [64, 32, 16, 16] or [64, 64, 8, 8]; the
 stride-2 edges of the reduction cells take [64, 32, 32, 32] and
 [64, 64, 16, 16] to half the size. fp32, as the search runs.
+
+The depthwise convolutions' backward (``fastdarts/depthwise_conv.py``, two
+forward convolutions) against ATen's ``convolution_backward`` (``ref``),
+for the depthwise convs of the op set: sep_conv's 3x3 and 5x5, dil_conv's
+3x3 and 5x5 with dilation 2, at stride 1 and 2. The fused backend takes the
+formulas for all but the undilated 3x3 (CPU only).
 """
 import pytest
 
@@ -29,6 +35,7 @@ pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (th
 
 import torch  # noqa: E402
 
+from fastdarts.depthwise_conv import depthwise_conv2d_backward  # noqa: E402
 from fastdarts.kernels import extension, triton_bn_accumulate  # noqa: E402
 from fastdarts.kernels.bn_accumulate import bn_accumulate_backward_ref, bn_accumulate_ref  # noqa: E402
 from fastdarts.kernels.pool3x3 import pool3x3_backward_ref, pool3x3_ref  # noqa: E402
@@ -157,3 +164,29 @@ def test_pool3x3_backward(benchmark, kernel_medians, device, impl, stride, shape
     kind = "max" if is_max else "avg"
     _run(benchmark, f"pool3x3_backward {kind} stride {stride} {device} {_shape_id(shape)}", device, impl,
          lambda: backward(dy, x, stride, is_max), kernel_medians)
+
+
+# (kernel, dilation) of the op set's depthwise convs: sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5.
+DEPTHWISE_KERNELS = [(3, 1), (5, 1), (3, 2), (5, 2)]
+DEPTHWISE_CASES = [(1, s) for s in EDGE_SHAPES] + [(2, s) for s in REDUCTION_INPUT_SHAPES]
+
+
+@pytest.mark.parametrize("kernel,dilation", DEPTHWISE_KERNELS, ids=[f"k{k}d{d}" for k, d in DEPTHWISE_KERNELS])
+@pytest.mark.parametrize("stride,shape", DEPTHWISE_CASES, ids=[f"s{s}-{_shape_id(x)}" for s, x in DEPTHWISE_CASES])
+@pytest.mark.parametrize("impl", ["ref", "formulas"])
+def test_depthwise_conv_backward(benchmark, kernel_medians, impl, stride, shape, kernel, dilation):
+    torch.manual_seed(0)
+    channels = shape[1]
+    padding = dilation * (kernel - 1) // 2
+    x = torch.randn(shape)
+    weight = torch.randn(channels, 1, kernel, kernel)
+    dy = torch.randn(torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, channels).shape)
+    if impl == "ref":
+        def fn():
+            return torch.ops.aten.convolution_backward(dy, x, weight, None, [stride] * 2, [padding] * 2,
+                                                       [dilation] * 2, False, [0, 0], channels, [True, True, False])
+    else:
+        def fn():
+            return depthwise_conv2d_backward(dy, x, weight, stride, padding, dilation)
+    _run(benchmark, f"depthwise_conv_backward k{kernel} d{dilation} stride {stride} cpu {_shape_id(shape)}", "cpu",
+         impl, fn, kernel_medians)

@@ -47,6 +47,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.torch_version import TorchVersion
 
+from .depthwise_conv import depthwise_conv2d, uses_depthwise_backward
 from .errors import FastDartsError
 from .kernels.backend import KernelOps, kernel_ops
 from .kernels import meta_kernels  # noqa: F401  (Meta kernels: steps run on the meta device)
@@ -219,8 +220,11 @@ def _conv(conv: nn.Conv2d, h: torch.Tensor, params: Iterator[torch.Tensor], stri
     # NCHW weights: the edge computes in NCHW whatever the model's memory
     # format (a channels-last weight would make the output channels-last, and
     # every kernel would copy it). Weights are tiny next to activations.
-    return F.conv2d(h, _nchw(weight), bias, conv.stride if stride is None else stride, conv.padding,
-                    conv.dilation, conv.groups)
+    weight, stride = _nchw(weight), conv.stride if stride is None else stride
+    if torch.is_grad_enabled() and uses_depthwise_backward(h, weight, bias, conv.padding, conv.dilation, conv.groups):
+        # The recompute differentiates it: ATen's CPU backward of most depthwise convs is slow.
+        return depthwise_conv2d(h, weight, stride, conv.padding, conv.dilation)
+    return F.conv2d(h, weight, bias, stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _body_inputs(cand: _Candidate, base: torch.Tensor) -> list[torch.Tensor]:
