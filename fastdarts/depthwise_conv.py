@@ -24,12 +24,9 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from .kernels.bn_accumulate import accumulator_dtype
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def uses_depthwise_backward(x: torch.Tensor, weight: torch.Tensor, bias, padding, dilation, groups: int) -> bool:
@@ -81,18 +78,16 @@ def depthwise_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 
 def _input_grad(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    channels, (kh, kw) = x.shape[1], weight.shape[-2:]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    channels, kernel = x.shape[1], weight.shape[-2:]
     w = weight.to(dy.dtype)
-    flip_pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
-    if (sh, sw) == (1, 1) and min(flip_pad) >= 0:
-        dx = F.conv2d(dy, w.flip(2, 3), None, 1, flip_pad, (dh, dw), channels)
+    flip_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding))
+    if stride == (1, 1) and min(flip_pad) >= 0:
+        dx = F.conv2d(dy, w.flip(2, 3), None, 1, flip_pad, dilation, channels)
     else:
         # The rows and columns the forward's last window did not reach get output padding.
         out_pad = tuple(size - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                        for size, o, s, p, d, k in zip(x.shape[-2:], dy.shape[-2:], (sh, sw), (ph, pw),
-                                                       (dh, dw), (kh, kw)))
-        dx = F.conv_transpose2d(dy, w, None, (sh, sw), (ph, pw), out_pad, channels, (dh, dw))
+                        for size, o, s, p, d, k in zip(x.shape[-2:], dy.shape[-2:], stride, padding, dilation, kernel))
+        dx = F.conv_transpose2d(dy, w, None, stride, padding, out_pad, channels, dilation)
     return dx.to(x.dtype)
 
 
