@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import distributed
 from .errors import FastDartsError
+from .files import WriteError
 from .genotype import GENOTYPES, get_genotype
 from .methods import METHOD_PRESETS
 from .mixed_op import MIXED_OP_BACKENDS
 from .recompute import RECOMPUTE_MODES
-from .search_loop import SearchConfig, search
+from .search_loop import DEFAULT_LAYERS, SearchConfig, search
 from .train_loop import TrainConfig, train
 
 
@@ -86,7 +88,7 @@ def search_parser() -> argparse.ArgumentParser:
     space.add_argument("--ops", default=d.ops, help="op set (darts, extended) or comma-separated op names")
     shape = space.add_mutually_exclusive_group()
     shape.add_argument("--layers", type=_positive_int, default=d.layers,
-                       help="number of cells; reductions at layers//3 and 2*layers//3")
+                       help=f"number of cells (default {DEFAULT_LAYERS}); reductions at layers//3 and 2*layers//3")
     shape.add_argument("--layout", default=None, help="explicit cell layout such as N,R,N (replaces --layers)")
     space.add_argument("--channels", type=_positive_int, default=d.channels, help="initial channels C")
     space.add_argument("--steps", type=_positive_int, default=d.steps, help="intermediate nodes per cell")
@@ -156,12 +158,13 @@ def search_parser() -> argparse.ArgumentParser:
 
 
 def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None, *, rank: int = 0,
-         world_size: int = 1, quiet: bool = False,
+         world_size: int = 1, quiet: bool = False, resume_file: str = "checkpoint.pt",
          kept: str = "finished epochs are in {}/checkpoint.pt") -> tuple[int, Any]:
     """(exit status, result) of a command's work: a FastDartsError or OSError
     (an unwritable --out, a full disk) is one line and status 2; Ctrl-C is
     status 130, with the resume hint when the run keeps checkpoints (``kept``:
-    what it keeps where, ``{}`` standing for ``resume_from``); a lost rank of a
+    what it keeps where, ``{}`` standing for ``resume_from``; ``resume_file``:
+    the file --resume reads there); a lost rank of a
     multi-process run (``distributed.RankLost``) is status 3.
     ``rank``/``world_size``: this process's place in such a run, named in
     the errors of ranks other than 0; ``quiet``: print nothing."""
@@ -174,8 +177,14 @@ def _run(prog: str, action: Callable[[], Any], resume_from: str | None = None, *
             print(f"{prog}: error: {e}{hint}", file=sys.stderr)
         return 3, None
     except (FastDartsError, OSError) as e:
+        hint = ""
+        if isinstance(e, WriteError) and resume_from:
+            # The previous checkpoint is whole: once there is room again the run goes on from it.
+            again = ("the same command plus --resume" if (Path(resume_from) / resume_file).is_file()
+                     else "the same command")
+            hint = f"; free space (or fix the folder) and run {again}"
         if not quiet:
-            print(f"{prog}: error: {who}{e}", file=sys.stderr)
+            print(f"{prog}: error: {who}{e}{hint}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt:
         # Ctrl-C reaches every rank: rank 0 speaks for them.
@@ -398,7 +407,6 @@ def pipeline_parser() -> argparse.ArgumentParser:
 def pipeline_main(argv: Sequence[str] | None = None) -> int:
     args = pipeline_parser().parse_args(argv)
     import time
-    from pathlib import Path
 
     from .evaluate import evaluate_checkpoint
 

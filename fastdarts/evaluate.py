@@ -33,14 +33,14 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import TRAIN_FORMAT, WEIGHTS_FORMAT, check_entries, kind_of, load_model_state
 from .distributed import DistContext, all_reduce_sum_, main_rank_first, per_rank_batch
 from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
 from .genotype import Genotype
 from .run_utils import read_torch, resolve_device, resolve_fast_options
 
-WEIGHTS_FORMAT = "fastdarts-weights/1"
-TRAIN_CHECKPOINT_FORMAT = "fastdarts-train-checkpoint/1"
+TRAIN_CHECKPOINT_FORMAT = TRAIN_FORMAT
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -142,21 +142,6 @@ def _infer_spec(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]
                 num_classes=classifier.shape[0], auxiliary=any(k.startswith("auxiliary_head.") for k in state))
 
 
-def _check_fit(model: NetworkCIFAR, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
-    """load_state_dict's complaints as one line that names the first few."""
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-              if k in state and state[k].shape != v.shape]
-    problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
-        if names:
-            problems.append(f"{len(names)} tensor(s) {label} (first: {names[0]})")
-    if problems:
-        raise FastDartsError(f"weights in {path} do not fit {what}: {'; '.join(problems)}")
-
-
 @dataclass
 class LoadedNetwork:
     model: NetworkCIFAR
@@ -180,16 +165,9 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
     obj = read_torch(path, map_location, what="weights file")
     if isinstance(obj, Mapping) and obj.get("format") in (WEIGHTS_FORMAT, TRAIN_CHECKPOINT_FORMAT):
         # A damaged or hand-edited file: one line saying what is wrong, not a KeyError from deep inside.
+        check_entries(obj, path)
         weights_key = "state_dict" if obj["format"] == WEIGHTS_FORMAT else "model"
-        spec, state = obj.get("network"), obj.get(weights_key)
-        if not isinstance(spec, Mapping):
-            raise FastDartsError(f"{path} is a damaged fastdarts file: its 'network' entry is "
-                                 f"{'missing' if spec is None else 'not a dict'}")
-        if (not isinstance(state, Mapping) or not state
-                or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
-            raise FastDartsError(f"{path} is a damaged fastdarts file: its {weights_key!r} entry is "
-                                 f"{'missing' if state is None else 'not a state_dict'}")
-        spec = dict(spec)
+        spec, state = dict(obj["network"]), obj[weights_key]
         if image_size is not None:
             spec["image_size"] = image_size
         try:
@@ -202,15 +180,16 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
         for name, value in (("channels", channels), ("layers", layers)):
             if value is not None and value != spec[name]:
                 raise FastDartsError(f"{path} holds a network with {name}={spec[name]}, not {value}")
-        _check_fit(model, state, path, "the network it describes")
-        model.load_state_dict(state)
+        load_model_state(model, state, path, "the network it describes")
         history = obj.get("history")
         epoch = obj.get("epoch") if obj["format"] == WEIGHTS_FORMAT else (
             len(history) if isinstance(history, list) else None)
         return LoadedNetwork(model, "fastdarts", obj.get("dataset"), epoch)
 
+    if kind_of(obj) is not None:
+        raise FastDartsError(f"{path} is {kind_of(obj)}, not trained weights")
     if isinstance(obj, Mapping) and "format" in obj and isinstance(obj.get("format"), (str, int)):
-        raise FastDartsError(f"{path} is a fastdarts file of another kind ({obj['format']!r}), not trained weights")
+        raise FastDartsError(f"{path} is a file of an unknown kind (format {obj['format']!r}), not trained weights")
     try:
         state = load_original_darts_state_dict(obj)
     except FastDartsError as e:
@@ -225,8 +204,7 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
     model = NetworkCIFAR(genotype, C=spec["channels"], num_classes=spec["num_classes"], layers=spec["layers"],
                          auxiliary=spec["auxiliary"], in_channels=spec["in_channels"],
                          image_size=image_size or 32)
-    _check_fit(model, state, path, f"the given genotype at C={spec['channels']}, {spec['layers']} layers")
-    model.load_state_dict(state)
+    load_model_state(model, state, path, f"the given genotype at C={spec['channels']}, {spec['layers']} layers")
     return LoadedNetwork(model, "original DARTS state_dict", None, None)
 
 

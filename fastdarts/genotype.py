@@ -26,6 +26,12 @@ Edge = tuple[str, int]
 _KEYS = ("normal", "normal_concat", "reduce", "reduce_concat")
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error line quotes a bad value, not a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def node_name(index: int) -> str:
     """Readable name of a cell node index: c_{k-2}, c_{k-1}, then node j."""
     return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else f"node {index - 2}"
@@ -33,12 +39,12 @@ def node_name(index: int) -> str:
 
 def _edges(value: Any, field: str) -> tuple[Edge, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise FastDartsError(f"{field} must be a list of [op_name, input_node] pairs, got {value!r}")
+        raise FastDartsError(f"{field} must be a list of [op_name, input_node] pairs, got {_short(value)}")
     edges = []
     for position, edge in enumerate(value):
         if (isinstance(edge, (str, bytes)) or not isinstance(edge, Sequence) or len(edge) != 2
                 or not isinstance(edge[0], str) or not _is_int(edge[1])):
-            raise FastDartsError(f"{field} edge {position} must be an [op_name, input_node] pair, got {edge!r}")
+            raise FastDartsError(f"{field} edge {position} must be an [op_name, input_node] pair, got {_short(edge)}")
         edges.append((edge[0], int(edge[1])))
     if not edges:
         raise FastDartsError(f"{field} has no edges; a cell needs 2 per intermediate node")
@@ -61,7 +67,7 @@ def _edges(value: Any, field: str) -> tuple[Edge, ...]:
 def _concat(value: Any, field: str, steps: int) -> tuple[int, ...]:
     if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
             or not all(_is_int(i) for i in value)):
-        raise FastDartsError(f"{field} must be a list of node indices, got {value!r}")
+        raise FastDartsError(f"{field} must be a list of node indices, got {_short(value)}")
     concat = tuple(int(i) for i in value)
     if not concat:
         raise FastDartsError(f"{field} is empty; the output node must concatenate at least one node")
@@ -136,12 +142,16 @@ class Genotype:
             d = json.loads(s)
         except json.JSONDecodeError as e:
             raise FastDartsError(f"genotype is not valid JSON: {e}") from None
+        except RecursionError:  # '[' nested a hundred thousand times
+            raise FastDartsError("genotype JSON is nested too deeply to be a genotype") from None
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
+        from .files import write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
+        write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Genotype:
@@ -153,6 +163,8 @@ class Genotype:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise FastDartsError(f"genotype file {path} is not valid JSON: {e}") from None
+        except RecursionError:  # '[' nested a hundred thousand times
+            raise FastDartsError(f"genotype file {path} is nested too deeply to be a genotype") from None
         try:
             return cls.from_dict(d)
         except FastDartsError as e:

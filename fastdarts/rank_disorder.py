@@ -46,7 +46,8 @@ from .genotype import DARTS_V2, Genotype, genotype_op_weights, num_edges
 from .layout import reduction_layout
 from .mixed_op import MIXED_OP_BACKENDS
 from .rank_stats import kendall_tau, sparse_kendall_tau, spearman_rho
-from .run_utils import atomic_write, resolve_device
+from .files import check_writable, save_figure, write_json
+from .run_utils import resolve_device
 from .search_loop import load_search
 from .train_loop import CHECKPOINT as TRAIN_CHECKPOINT
 from .train_loop import TrainConfig, train
@@ -301,8 +302,7 @@ def rank_statistics(architectures: Sequence[dict]) -> dict:
 
 
 def _write_rank_json(path: Path, document: dict) -> None:
-    text = json.dumps(document, indent=1, allow_nan=False) + "\n"
-    atomic_write(path, lambda p: p.write_text(text))
+    write_json(path, document)
 
 
 def _read_previous(path: Path, settings: dict) -> list[dict]:
@@ -311,6 +311,8 @@ def _read_previous(path: Path, settings: dict) -> list[dict]:
         document = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FastDartsError(f"cannot read {path}: {e}") from None
+    except RecursionError:  # '[' nested a hundred thousand times
+        raise FastDartsError(f"cannot read {path}: its JSON is nested too deeply to be a {RANK_FILE}") from None
     if not isinstance(document, dict) or document.get("format") != RANK_FORMAT:
         raise FastDartsError(f"{path} is not a fastdarts-rank result")
     theirs = document.get("settings", {})
@@ -357,9 +359,7 @@ def plot_rank(architectures: Sequence[dict], statistics: dict, path: Path) -> Pa
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"rank disorder: {len(architectures)} architectures against their stand-alone accuracy",
                  fontsize=12, fontweight="bold")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", facecolor="white")
-    return path
+    return save_figure(fig, path)
 
 
 def format_table(architectures: Sequence[dict], statistics: dict) -> str:
@@ -387,8 +387,7 @@ def _prepare_out(config: RankConfig, settings: dict) -> list[dict]:
     """Checks --out and --resume; returns the architectures an earlier run finished."""
     out = config.out_dir
     path = out / RANK_FILE
-    if out.exists() and not out.is_dir():
-        raise FastDartsError(f"--out {out} is a file, not a directory")
+    check_writable(out)  # found now, not after the first architecture's training
     if path.exists() and not config.resume:
         raise FastDartsError(f"{path} exists; pass --resume to continue that run or choose another --out")
     if config.resume and not path.exists():
@@ -535,7 +534,7 @@ def rank_parser() -> argparse.ArgumentParser:
 
 def rank_main(argv: Sequence[str] | None = None) -> int:
     config = RankConfig(**vars(rank_parser().parse_args(argv)))
-    return _run(PROG, lambda: rank(config), resume_from=str(config.out_dir),
+    return _run(PROG, lambda: rank(config), resume_from=str(config.out_dir), resume_file=RANK_FILE,
                 kept=f"finished architectures are in {{}}/{RANK_FILE}")[0]
 
 

@@ -7,7 +7,7 @@ their error messages) identical.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import random
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from .errors import FastDartsError
+# The loops' file helpers live in files.py; re-exported for the callers that import them from here.
+from .files import atomic_write, read_torch, save_torch, write_jsonl  # noqa: F401
 
 
 def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
@@ -132,44 +134,22 @@ def resolve_fast_options(device: torch.device, bf16: bool | None, channels_last:
     return bool(bf16), (cuda if channels_last is None else bool(channels_last))
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file, flush it to disk, then rename it over
-    ``path``: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:  # an error or an interrupt mid-write leaves no half file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+def check_finite_settings(config) -> None:
+    """Every float field of a configuration dataclass is finite: ``--lr inf``
+    passes ``> 0`` and would run a whole epoch of NaN before anyone noticed."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FastDartsError(f"{f.name.replace('_', '-')} must be a finite number, got {value!r}")
 
 
-def save_torch(path: Path, obj) -> None:
-    """``torch.save`` through ``atomic_write``."""
-    atomic_write(path, lambda p: torch.save(obj, p))
-
-
-def write_jsonl(path: Path, entries: Iterable[dict]) -> None:
-    """One JSON object per line, written atomically (the whole history each time)."""
-    lines = "".join(json.dumps(entry) + "\n" for entry in entries)
-    atomic_write(path, lambda p: p.write_text(lines))
-
-
-def read_torch(path: str | Path, map_location: torch.device | str = "cpu", what: str = "checkpoint"):
-    """``torch.load(weights_only=True)`` with a one-line error naming the file:
-    a missing, truncated or foreign file says which, not where in torch it broke.
-
-    ``map_location`` (default the CPU) is where every tensor lands, so a file
-    saved from CUDA tensors loads on a machine without a GPU. Files in the
-    legacy (pre-1.6, non-zip) format, such as the original DARTS release
-    written by PyTorch 0.3/0.4, load too: ``weights_only=True`` reads both
-    formats, and a plain dict of tensors needs nothing outside its allow-list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FastDartsError(f"no {what} at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise FastDartsError(f"cannot read {what} {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+def check_finite_epoch(entry: dict, keys: Iterable[str], checkpoint: Path, hint: str) -> None:
+    """Ends a run whose epoch ``entry`` holds a non-finite loss, before that
+    epoch is written: the checkpoint keeps the last finite epoch (``hint``
+    names the settings to lower)."""
+    bad = [f"{key} {entry[key]}" for key in keys if entry.get(key) is not None and not math.isfinite(entry[key])]
+    if bad:
+        done = entry["epoch"] - 1
+        kept = f"{checkpoint} keeps epoch {done}" if done else "no checkpoint was written"
+        raise FastDartsError(f"epoch {entry['epoch']} diverged ({', '.join(bad)}): the run stops here and {kept}; "
+                             f"{hint}")

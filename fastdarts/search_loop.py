@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .architect import Architect, frozen
+from .checkpoints import SEARCH_FORMAT, damaged, load_model_state, load_optimizer_state, read_checked
 from .cuda_graph import DeviceLrSGD, GraphedStep, adam_capturable, check_cuda_graph, hold_lr_on_device
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
@@ -40,6 +41,7 @@ from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrie
                           launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
 from .evaluate import evaluate
+from .files import check_writable, write_text
 from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
@@ -53,12 +55,13 @@ from .methods.progressive import (drop_ops, full_edge_ops, parse_rates, parse_st
 from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
 from .recompute import check_recompute
-from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_device, save_torch, seed_everything, set_lr,
-                        steps_per_epoch, write_jsonl)
+from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_device,
+                        save_torch, seed_everything, set_lr, steps_per_epoch, write_jsonl)
 from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = SEARCH_FORMAT
+DEFAULT_LAYERS = 8  # the paper's search network
 # Pass numbers of mix_seed for the draws that are not the loader's (whose passes are 0, 1, ...).
 _STAGE_PASS, _DROPOUT_PASS = 1 << 21, 1 << 22
 
@@ -73,7 +76,7 @@ class SearchConfig:
     data: str = "./data"
     download: bool = False
     ops: str | Sequence[str] = "darts"
-    layers: int | None = 8
+    layers: int | None = None          # cells (None: DEFAULT_LAYERS); reductions at layers//3 and 2*layers//3
     layout: str | None = None          # e.g. "N,R,N"; replaces `layers`
     channels: int = 16
     steps: int = 4
@@ -122,6 +125,7 @@ class SearchConfig:
         preset = method_preset(self.method)
         rates_from_preset = self.skip_dropout is None and preset.get("skip_dropout") is not None
         self = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        check_finite_settings(self)
         positive = dict(channels=self.channels, batch_size=self.batch_size, epochs=self.epochs,
                         steps=self.steps, multiplier=self.multiplier, partial_channels=self.partial_channels)
         if self.max_steps is not None:
@@ -169,12 +173,14 @@ class SearchConfig:
         if self.stages is None:
             if self.skip_dropout is not None:
                 raise FastDartsError("skip-dropout gives one rate per stage; it needs --stages")
-            layout = layout_string(reduction_layout(None if self.layout is not None else self.layers, self.layout))
+            layers = None if self.layout is not None else (DEFAULT_LAYERS if self.layers is None else self.layers)
+            layout = layout_string(reduction_layout(layers, self.layout))
             return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None,
                                        edge_norm=bool(self.edge_norm), aux_skip=bool(self.aux_skip),
                                        early_stop=early_stop)
-        if self.layout is not None:
-            raise FastDartsError("--stages sets each stage's cells; drop --layout (or give the stages' cells)")
+        for name in ("layout", "layers"):
+            if getattr(self, name) is not None:
+                raise FastDartsError(f"--stages sets each stage's cells; drop --{name} (or give the stages' cells)")
         stages = parse_stages(self.stages, len(ops))
         if self.sample_paths and self.sample_paths >= stages[-1].ops:
             raise FastDartsError(f"sample-paths {self.sample_paths} needs more ops per edge than the last stage's "
@@ -283,12 +289,10 @@ def build_supernet(config: SearchConfig, dataset, device: torch.device | str, la
         edge_ops=edge_ops).to(device)
 
 
-def _read_checkpoint(path: Path, device, what: str = "checkpoint") -> dict:
-    """A search checkpoint's contents; a missing, truncated or foreign file is one line naming it."""
-    state = read_torch(path, device, what=what)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise FastDartsError(f"{path} is not a fastdarts search checkpoint")
-    return state
+def _read_checkpoint(path: Path, device, what: str = "search checkpoint") -> dict:
+    """A search checkpoint's contents, checked entry by entry (``checkpoints``);
+    a missing, truncated, foreign or damaged file is one line naming it."""
+    return read_checked(path, (CHECKPOINT_FORMAT,), what, device)
 
 
 def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu", backend: str | None = None):
@@ -296,17 +300,25 @@ def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu
     checkpoint: weights, α and, for P-DARTS, the last stage's edges) ->
     ``(config, dataset, model)``. ``backend`` (default the run's) may differ:
     every backend computes the same function."""
-    state = _read_checkpoint(Path(run_dir) / CHECKPOINT, "cpu", what="search checkpoint")
+    path = Path(run_dir) / CHECKPOINT
+    state = _read_checkpoint(path, "cpu")
     fields = {**_LEGACY_FIELDS, **state["config"]}
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     config = SearchConfig(**{k: v for k, v in fields.items() if k in known}, data=data, device=device,
                           backend=backend or state.get("backend", DEFAULT_BACKEND), out=str(run_dir))
+    try:
+        config = config.checked()
+    except FastDartsError as e:
+        raise damaged(path, f"its configuration is invalid ({e})") from None
     dataset = load_dataset(config.dataset, data)
     stage = state.get("stage")
-    model = build_supernet(config, dataset, resolve_device(device),
-                           layout=None if stage is None else stage["layout"],
-                           edge_ops=None if stage is None else stage["edge_ops"])
-    model.load_state_dict(state["model"])
+    try:
+        model = build_supernet(config, dataset, resolve_device(device),
+                               layout=None if stage is None else stage["layout"],
+                               edge_ops=None if stage is None else stage["edge_ops"])
+    except (FastDartsError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise damaged(path, f"its stage does not describe a supernet ({type(e).__name__}: {e})") from None
+    load_model_state(model, state["model"], path, "the supernet its configuration describes")
     return config, dataset, model
 
 
@@ -323,14 +335,13 @@ class _Searcher:
         self.device = dist.device
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT
+        # Found now, not when the first epoch's checkpoint is written.
+        check_writable(self.out)
         if self.checkpoint_path.exists() and not config.resume:
             raise FastDartsError(f"{self.out} already holds a search checkpoint; pass --resume to continue it"
                                  f" or choose another --out")
         if config.resume and not self.checkpoint_path.exists():
             raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
-
-        if self.out.exists() and not self.out.is_dir():
-            raise FastDartsError(f"--out {self.out} is a file, not a directory")
 
         self.stages = config.stage_layouts()
         self.staged = config.stages is not None
@@ -429,6 +440,8 @@ class _Searcher:
         state = _read_checkpoint(path, self.device)
         ours = self._result_defining()
         theirs = {**_LEGACY_FIELDS, "world_size": 1, **state["config"]}
+        if isinstance(theirs["world_size"], bool) or not isinstance(theirs["world_size"], int):
+            raise damaged(path, f"its world size {theirs['world_size']!r} is not a number of processes")
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
         if theirs["world_size"] != ours["world_size"]:
             diff.append(f"the world size sets the per-rank batch BatchNorm sees: resume with torchrun "
@@ -440,13 +453,27 @@ class _Searcher:
         if diff:
             raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})")
         stage = state.get("stage")
+        if stage is not None and stage["index"] >= len(self.stages):
+            raise damaged(path, f"its stage {stage['index'] + 1} is past the run's {len(self.stages)} stage(s)")
         if stage is not None and stage["index"] > 0:
-            self._build_stage(stage["index"], stage["edge_ops"])
-        self.model.load_state_dict(state["model"])
-        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
-        self.architect.optimizer.load_state_dict(state["arch_optimizer"])
+            try:
+                self._build_stage(stage["index"], stage["edge_ops"])
+            except (FastDartsError, KeyError, TypeError, ValueError, IndexError) as e:
+                raise damaged(path, f"its stage does not describe a supernet ({type(e).__name__}: {e})") from None
+        load_model_state(self.model, state["model"], path, "the supernet of this configuration")
+        load_optimizer_state(self.weight_optimizer, state["weight_optimizer"], path, "weight_optimizer")
+        load_optimizer_state(self.architect.optimizer, state["arch_optimizer"], path, "arch_optimizer")
         self._optimizers_for_graphs()
         self.history = list(state["history"])
+        try:
+            position = self._position()
+        except (KeyError, TypeError, ValueError) as e:
+            raise damaged(path, f"its history does not say where the run stands ({type(e).__name__}: {e})") from None
+        if position is not None and position[0] not in (self.stage, self.stage + 1):
+            raise damaged(path, f"its history ends in stage {position[0] + 1}, its supernet is stage {self.stage + 1}")
+        if position is not None and position[0] != self.stage and not isinstance(
+                self.history[-1].get("next_edge_ops"), dict):
+            raise damaged(path, "its last epoch ends a stage but does not say which ops the next stage keeps")
         self._broadcast_model()
         where = f"stage {self.stage + 1}/{len(self.stages)}, " if self.staged else ""
         self.log(f"resumed from {path} after epoch {len(self.history)} ({where}{self.config.epochs} epochs"
@@ -564,6 +591,11 @@ class _Searcher:
         entry = dict(epoch=epoch + 1, **self._stage_fields(stage_epoch), lr=lr,
                      **self._train_epoch(epoch, stage_epoch), **self._evaluate(),
                      method=cfg.method, backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
+        check_finite_epoch(entry, ("train_loss", "arch_loss", "val_loss"), self.checkpoint_path,
+                           f"lower --lr (now {cfg.lr:g}) or --arch-lr (now {cfg.arch_lr:g})")
+        if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
+            check_finite_epoch(dict(epoch=entry["epoch"], alpha=float("nan")), ("alpha",), self.checkpoint_path,
+                               f"lower --arch-lr (now {cfg.arch_lr:g})")
         if cfg.aux_skip:
             entry["aux_skip_weight"] = aux_skip_weight(stage_epoch, cfg.epochs)
         genotype = self.model.genotype()
@@ -635,7 +667,7 @@ class _Searcher:
         pictures = []
         if self.dist.is_main:
             genotype.save(self.out / "genotype.json")
-            (self.out / "genotype.txt").write_text(str(genotype) + "\n")
+            write_text(self.out / "genotype.txt", str(genotype) + "\n")
             pictures = plot_genotype(genotype, self.out)
             self._plot_alphas(self.out / "alphas.png")
         # No rank returns before rank 0's files are complete: what comes next may read them.

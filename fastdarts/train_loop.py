@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import damaged, load_model_state, load_optimizer_state, read_checked
 from .cuda_graph import DeviceLrSGD, GraphedStep, check_cuda_graph, hold_lr_on_device
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
@@ -43,10 +44,11 @@ from .distributed import (DistContext, all_reduce_sum_, barrier, broadcast_, col
 from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
 from .evaluate import TRAIN_CHECKPOINT_FORMAT, WEIGHTS_FORMAT, autocast, evaluate
+from .files import check_writable
 from .genotype import Genotype, get_genotype
 from .layout import reduction_layout
-from .run_utils import (EpochProgress, cosine_lr, read_torch, resolve_fast_options, save_torch, seed_everything,
-                        set_lr, steps_per_epoch, write_jsonl)
+from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_fast_options,
+                        save_torch, seed_everything, set_lr, steps_per_epoch, write_jsonl)
 
 CHECKPOINT = "checkpoint.pt"
 # Pass number of the drop-path generator in mix_seed (plus the rank); the loader's passes are 0, 1, ...
@@ -100,6 +102,7 @@ class TrainConfig:
         if self.cutout is not None and (isinstance(self.cutout, bool) or not isinstance(self.cutout, int)
                                         or self.cutout < 0):
             raise FastDartsError(f"cutout must be a non-negative integer (0: none), got {self.cutout!r}")
+        check_finite_settings(self)
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise FastDartsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
@@ -187,8 +190,8 @@ class _Trainer:
         config = dataclasses.replace(config, bf16=bf16, channels_last=channels_last)
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT
-        if self.out.exists() and not self.out.is_dir():
-            raise FastDartsError(f"--out {self.out} is a file, not a directory")
+        # Found now, not when the first epoch's checkpoint is written.
+        check_writable(self.out)
         if self.checkpoint_path.exists() and not config.resume:
             raise FastDartsError(f"{self.out} already holds a training checkpoint; pass --resume to continue it"
                                  f" or choose another --out")
@@ -275,11 +278,11 @@ class _Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
-        state = read_torch(path, self.device)
-        if not isinstance(state, dict) or state.get("format") != TRAIN_CHECKPOINT_FORMAT:
-            raise FastDartsError(f"{path} is not a fastdarts training checkpoint")
+        state = read_checked(path, (TRAIN_CHECKPOINT_FORMAT,), "training checkpoint", self.device)
         ours, theirs = self._result_defining(), dict(state["config"])
         theirs.setdefault("world_size", 1)  # written before runs could span processes
+        if isinstance(theirs["world_size"], bool) or not isinstance(theirs["world_size"], int):
+            raise damaged(path, f"its world size {theirs['world_size']!r} is not a number of processes")
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items()
                 if theirs.get(k) != v and k != "genotype"]
         if theirs.get("genotype") != ours["genotype"]:
@@ -295,10 +298,12 @@ class _Trainer:
         if diff:
             raise FastDartsError(f"checkpoint {path} was written by a different configuration ({'; '.join(diff)})"
                                  + hint)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model_state(self.model, state["model"], path, "the network of this configuration")
+        load_optimizer_state(self.optimizer, state["optimizer"], path, "optimizer")
         hold_lr_on_device(self.optimizer, self.config.cuda_graph)  # whichever form the checkpoint held
         self.history = list(state["history"])
+        if len(self.history) > self.config.epochs:
+            raise damaged(path, f"its history holds {len(self.history)} epochs of a {self.config.epochs}-epoch run")
         self.log(f"resumed from {path} after epoch {len(self.history)}/{self.config.epochs}")
 
     # -- one epoch ----------------------------------------------------------
@@ -368,6 +373,8 @@ class _Trainer:
                             max_steps=self._steps(self.test_loader), dist=dist)
             entry.update(test_loss=test["loss"], test_acc=test["top1"], test_top5=test["top5"],
                          seconds=time.perf_counter() - start)
+            check_finite_epoch(entry, ("train_loss", "aux_loss", "test_loss"), self.checkpoint_path,
+                               f"lower --lr (now {cfg.lr:g})")
             self.history.append(entry)
             if dist.is_main:
                 self._save(entry)

@@ -313,10 +313,10 @@ def plot_genotype(genotype: Genotype, out_dir: str | Path) -> list[Path]:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", facecolor="white")
-    return path
+    """``fig`` as a PNG through the package's one atomic writer."""
+    from .files import save_figure
+
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- α history

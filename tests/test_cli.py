@@ -29,8 +29,12 @@ def _error_line(argv, capsys):
     return err[0]
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs_offline(tmp_path):
-    """The README's first command, exactly (digits, settings under which α moves)."""
+    """The README's first command, exactly (digits, settings under which α moves).
+    No timeout: the job takes about two minutes on an idle 2-core machine and
+    many times that on a busy one, and a slow machine is no failure (a hang
+    would end CI's own time limit)."""
     import math
     import re
 
@@ -40,7 +44,7 @@ def test_readme_main_job_runs_offline(tmp_path):
     out = tmp_path / "digits"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-m", "fastdarts.cli", *command[1:-1], str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     genotype = json.loads((out / "genotype.json").read_text())
     assert set(genotype) == {"normal", "normal_concat", "reduce", "reduce_concat"}

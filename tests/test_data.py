@@ -1,11 +1,19 @@
 """Data sets, download, augmentation and the device loader (SPEC §5), on a fake CIFAR-10."""
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import io
+import os
 import pickle
+import pickletools
+import shlex
+import struct
+import subprocess
 import tarfile
+import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +30,10 @@ from fastdarts.data import (
     load_dataset,
     load_digits,
 )
+from fastdarts.cli import search_main
 from fastdarts.data.augment import cutout, normalize, random_crop, random_flip, to_float
 from fastdarts.data.cifar10 import ARCHIVE, FOLDER, TEST_FILES, TRAIN_FILES
+from fastdarts.data.safe_pickle import RefusedPickle, safe_load
 from fastdarts.errors import FastDartsError
 
 PER_FILE = 3  # images per fake batch file
@@ -147,6 +157,378 @@ def test_bad_batch_file_is_named(tmp_path, corrupt, name):
     with pytest.raises(FastDartsError) as excinfo:
         load_cifar10(tmp_path)
     assert str(folder / name) in error_message(excinfo)
+
+
+# --- CIFAR-10 files that would run code on load -------------------------------
+#
+# The md5 covers the downloaded archive only: whoever can write into the
+# folder can plant a batch file. Reading one must run nothing (safe_pickle).
+
+
+class RunsCommand:
+    """Unpickled by plain pickle, this runs ``call(*args)``: the planted batch."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def touch_command(marker: Path) -> str:
+    return "touch " + shlex.quote(str(marker))
+
+
+def hostile_os_system(marker: Path) -> object:
+    return RunsCommand(os.system, touch_command(marker))
+
+
+def hostile_eval(marker: Path) -> object:
+    return RunsCommand(eval, f"__import__('pathlib').Path({str(marker)!r}).touch()")
+
+
+def hostile_popen(marker: Path) -> object:
+    return RunsCommand(subprocess.Popen, ["touch", str(marker)])
+
+
+def hostile_object_array(marker: Path) -> object:
+    return np.array([1, "a"], dtype=object)
+
+
+HOSTILE = {  # what the planted batch holds as b"data", and what the refusal names
+    "os.system": (hostile_os_system, ("posix.system", "os.system", "nt.system")),
+    "builtins.eval": (hostile_eval, ("builtins.eval",)),  # written as __builtin__.eval (protocol 2)
+    "subprocess.Popen": (hostile_popen, ("subprocess.Popen",)),  # written as commands.Popen
+    "object dtype": (hostile_object_array, ("dtype O",)),
+}
+
+
+def plant(folder: Path, name: str, data: object) -> Path:
+    """Replace batch ``name`` by a valid-looking batch whose b"data" is ``data``."""
+    batch = batch_dict(0)
+    batch[b"data"] = data
+    (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder / name
+
+
+def wait_for(marker: Path) -> bool:
+    """Whether ``marker`` appears within a moment (a Popen'ed touch would run in the background)."""
+    deadline = time.monotonic() + 0.5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return marker.exists()
+
+
+@pytest.mark.parametrize("what", list(HOSTILE))
+def test_planted_batch_runs_nothing(tmp_path, what):
+    make, needles = HOSTILE[what]
+    marker = tmp_path / "MARKER"
+    path = plant(write_folder(tmp_path / "data"), "data_batch_1", make(marker))
+    with pytest.raises(FastDartsError) as excinfo:
+        load_cifar10(tmp_path / "data")
+    message = error_message(excinfo)
+    assert not wait_for(marker)
+    assert str(path) in message and "is not a CIFAR batch" in message and "--download" in message, message
+    assert any(needle in message for needle in needles), message
+
+
+def test_planted_batch_os_system_message(tmp_path):
+    marker = tmp_path / "MARKER"
+    folder = write_folder(tmp_path / "data")
+    plant(folder, "data_batch_1", hostile_os_system(marker))
+    with pytest.raises(FastDartsError) as excinfo:
+        load_cifar10(tmp_path / "data")
+    assert not marker.exists()
+    system = f"{os.system.__module__}.system"  # posix.system here
+    assert error_message(excinfo) == (
+        f"CIFAR-10 file {folder / 'data_batch_1'} is not a CIFAR batch (it asks to load {system}, which the "
+        f"format never holds): delete {folder} and run again with --download")
+
+
+def test_planted_batch_through_the_cli(tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    folder = write_folder(tmp_path / "data")
+    plant(folder, "data_batch_1", hostile_os_system(marker))
+    code = search_main(["--dataset", "cifar10", "--data", str(tmp_path / "data"), "--epochs", "1",
+                        "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("fastdarts-search: error: "), err
+    assert str(folder / "data_batch_1") in err[0] and "system" in err[0], err
+
+
+class PersistentPickler(pickle.Pickler):
+    """Writes ``RunsCommand`` objects as persistent ids, for a ``persistent_load`` to resolve."""
+
+    def persistent_id(self, obj):
+        return ("touch", str(obj.args[0])) if isinstance(obj, RunsCommand) else None
+
+
+def test_persistent_id_is_refused(tmp_path):
+    folder = write_folder(tmp_path / "data")
+    batch = batch_dict(0)
+    batch[b"labels"] = RunsCommand(str, tmp_path / "MARKER")
+    buffer = io.BytesIO()
+    PersistentPickler(buffer, protocol=2).dump(batch)
+    (folder / "test_batch").write_bytes(buffer.getvalue())
+    with pytest.raises(FastDartsError) as excinfo:
+        load_cifar10(tmp_path / "data")
+    message = error_message(excinfo)
+    assert str(folder / "test_batch") in message and "external object" in message, message
+
+
+class ForgedDtype:
+    """Pickles as ``numpy.dtype(spec, False, copy)`` with the dtype state ``state`` (BUILD)."""
+
+    def __init__(self, state, spec="u1", copy=True):
+        self.state, self.spec, self.copy = state, spec, copy
+
+    def __reduce__(self):
+        return np.dtype, (self.spec, False, self.copy), self.state
+
+
+RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, in numpy.core or numpy._core
+
+
+class ForgedArray:
+    """Pickles as numpy does an array, with a dtype of our making."""
+
+    def __init__(self, dtype, raw=bytes(3072)):
+        self.dtype, self.raw = dtype, raw
+
+    def __reduce__(self):
+        return RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (1, len(self.raw)), self.dtype, False, self.raw)
+
+
+HAS_OBJECT = 0x3F  # the flags of an object dtype: numpy would treat the raw bytes as object pointers
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        ForgedDtype((3, "|", None, None, None, -1, -1, HAS_OBJECT)),
+        ForgedDtype((3, "|", None, None, None, -1, -1, HAS_OBJECT), copy=False),  # aims at numpy's own uint8
+        ForgedDtype((3, "|", None, ("a",), {"a": (np.dtype("i8"), 1000)}, 1, 1, 0)),
+        ForgedDtype(None, spec="O8"),
+        ForgedDtype(None, spec="f4"),
+        ForgedDtype(None, spec="V8"),
+    ],
+    ids=["object-flags", "object-flags-on-numpy's-own", "fields", "object", "float", "void"],
+)
+def test_forged_dtype_is_refused(tmp_path, dtype):
+    folder = write_folder(tmp_path / "data")
+    plant(folder, "data_batch_2", ForgedArray(dtype))
+    with pytest.raises(FastDartsError) as excinfo:
+        load_cifar10(tmp_path / "data")
+    message = error_message(excinfo)
+    assert str(folder / "data_batch_2") in message and "is not a CIFAR batch" in message and "dtype" in message
+    assert np.dtype("u1").flags == 0 and np.dtype("u1").fields is None  # numpy's own dtype untouched
+
+
+def test_admitted_globals_cannot_be_modified():
+    # GLOBAL numpy.dtype; BUILD (None, {"__defaults__": None}) on it; STOP
+    raw = b"\x80\x02cnumpy\ndtype\nN}X\x0c\x00\x00\x00__defaults__Ns\x86b."
+    with pytest.raises(RefusedPickle, match="modify numpy.dtype"):
+        safe_load(io.BytesIO(raw))
+    raw = b"\x80\x02cnumpy\nndarray\n(K\x01tR."  # numpy.ndarray((1,)): uninitialised memory
+    with pytest.raises(RefusedPickle, match="numpy.ndarray"):
+        safe_load(io.BytesIO(raw))
+
+
+PYTHON2_NAMES = {"__builtin__.eval": "builtins.eval", "copy_reg._reconstructor": "copyreg._reconstructor"}
+
+
+def global_pickles(module: str, name: str) -> list[bytes]:
+    """Pickles that only load ``module.name``: by GLOBAL (protocol 2) and STACK_GLOBAL (4)."""
+    def short(text: str) -> bytes:
+        data = text.encode()
+        return b"\x8c" + bytes([len(data)]) + data
+
+    raws = [b"\x80\x04" + short(module) + short(name) + b"\x93."]
+    if "\n" not in module + name:
+        raws.append(b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n.")
+    return raws
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("numpy", "load"),
+        ("numpy", "fromfile"),
+        ("numpy.testing", "assert_equal"),
+        ("numpy.ctypeslib", "as_array"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct.__globals__"),
+        ("numpy", "dtype.__init__"),
+        ("numpy.core", "multiarray"),
+        ("numpy.core.multiarray ", "_reconstruct"),
+        ("numpy._core.numeric", "frombuffer"),
+        ("_codecs", "decode"),
+        ("codecs", "encode"),
+        ("builtins", "getattr"),
+        ("__builtin__", "eval"),
+        ("copyreg", "_reconstructor"),
+        ("copy_reg", "_reconstructor"),
+        ("posix", "system"),
+        ("fastdarts.data.safe_pickle", "SafeUnpickler"),
+        ("numpy", "ndarray\nposix system"),
+    ],
+)
+def test_only_the_exact_admitted_globals_load(module, name):
+    for raw in global_pickles(module, name):
+        with pytest.raises(RefusedPickle) as excinfo:
+            safe_load(io.BytesIO(raw))
+        message = str(excinfo.value)
+        assert "\n" not in message and "asks to load" in message
+        shown = PYTHON2_NAMES.get(f"{module}.{name}", f"{module}.{name}")  # named as pickle would load it
+        assert shown in message or "\n" in name, message
+
+
+def test_extension_codes_are_checked_too():
+    copyreg.add_extension("posix", "system", 240)
+    try:
+        with pytest.raises(RefusedPickle, match="posix.system"):
+            safe_load(io.BytesIO(b"\x80\x02\x82\xf0."))  # EXT1 240
+    finally:
+        copyreg.remove_extension("posix", "system", 240)
+
+
+# --- CIFAR-10 files as Python 2 and 3, numpy 1 and 2 write them ---------------
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes as Python 2's cPickle wrote CIFAR-10: str and bytes as Python 2 str
+    (BINSTRING), bools as ints (old numpy's dtype arguments)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        data = obj if isinstance(obj, bytes) else obj.encode("latin-1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    def save_py2_bool(self, obj):
+        self.save_long(int(obj))
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+    dispatch[bool] = save_py2_bool
+
+
+def rename_module(raw: bytes, old: str, new: str) -> bytes:
+    """``raw`` with the module name ``old`` of its globals replaced by ``new``: in
+    GLOBAL (newline-terminated) and SHORT_BINUNICODE (length-prefixed, inside a
+    FRAME whose length is fixed) opcodes."""
+    ops = list(pickletools.genops(raw))
+    frames = [pos for op, _, pos in ops if op.name == "FRAME"]
+    out = bytearray(raw)
+    for op, arg, pos in reversed(ops):
+        if op.name == "GLOBAL" and arg.split(" ")[0] == old:
+            start, end, replacement = pos + 1, pos + 1 + len(old), new.encode()
+        elif op.name == "SHORT_BINUNICODE" and arg == old:
+            start, end, replacement = pos, pos + 2 + len(old), b"\x8c" + bytes([len(new)]) + new.encode()
+        else:
+            continue
+        out[start:end] = replacement
+        frame = max((f for f in frames if f < pos), default=None)
+        if frame is not None:
+            length = int.from_bytes(out[frame + 1 : frame + 9], "little") + len(replacement) - (end - start)
+            out[frame + 1 : frame + 9] = length.to_bytes(8, "little")
+    return bytes(out)
+
+
+class RecordingUnpickler(pickle.Unpickler):
+    """Plain unpickling (of our own files) that records the globals it loads."""
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")
+        self.loaded = set()
+
+    def find_class(self, module, name):
+        self.loaded.add(f"{module}.{name}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 on the numpy.core names
+            return super().find_class(module, name)
+
+
+def python3(protocol: int):
+    return lambda batch: pickle.dumps(batch, protocol=protocol)
+
+
+def python2(batch) -> bytes:
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(batch)
+    return rename_module(buffer.getvalue(), "numpy._core.multiarray", "numpy.core.multiarray")
+
+
+def numpy1(protocol: int):
+    def write(batch) -> bytes:
+        raw = pickle.dumps(batch, protocol=protocol)
+        raw = rename_module(raw, "numpy._core.multiarray", "numpy.core.multiarray")
+        return rename_module(raw, "numpy._core.numeric", "numpy.core.numeric")
+    return write
+
+
+WRITERS = {  # how a batch file is written, and the numpy globals it then names
+    "python2-cPickle": (python2, {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}),
+    "protocol-0": (python3(0), {"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}),
+    "protocol-2": (python3(2), {"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}),
+    "protocol-2-numpy1": (numpy1(2), {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}),
+    "protocol-4": (python3(4), {"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}),
+    "protocol-5": (python3(5), {"numpy._core.numeric._frombuffer", "numpy.dtype"}),
+    "protocol-5-numpy1": (numpy1(5), {"numpy.core.numeric._frombuffer", "numpy.dtype"}),
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_batch_files_of_every_writer_load(tmp_path, writer):
+    write, numpy_globals = WRITERS[writer]
+    folder = write_folder(tmp_path)
+    plain = {}
+    for k, name in enumerate(TRAIN_FILES + TEST_FILES):
+        raw = write(batch_dict(k * PER_FILE))
+        recorder = RecordingUnpickler(io.BytesIO(raw))
+        plain[name] = recorder.load()
+        assert {g for g in recorder.loaded if g.startswith("numpy")} == numpy_globals, recorder.loaded
+        (folder / name).write_bytes(raw)
+        safe = safe_load(io.BytesIO(raw))
+        assert sorted(safe) == sorted(plain[name]) == sorted(batch_dict(0))
+        assert type(safe[b"data"]) is np.ndarray and safe[b"data"].dtype == np.uint8
+        assert np.array_equal(safe[b"data"], plain[name][b"data"])
+        assert all(safe[key] == plain[name][key] for key in (b"labels", b"batch_label", b"filenames"))
+    ds = load_cifar10(tmp_path)
+    n_train = len(TRAIN_FILES) * PER_FILE
+    assert np.array_equal(ds.train.images.numpy(), expected_pixels(0, n_train))
+    assert np.array_equal(ds.test.images.numpy(), expected_pixels(n_train, PER_FILE))
+    assert ds.train.labels.tolist() == [label for name in TRAIN_FILES for label in plain[name][b"labels"]]
+    assert ds.test.labels.tolist() == plain["test_batch"][b"labels"]
+
+
+def test_python2_batch_read_as_latin1_like_pickle():
+    raw = python2(batch_dict(0))
+    safe = safe_load(io.BytesIO(raw), encoding="latin1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        plain = pickle.loads(raw, encoding="latin1")
+    assert sorted(safe) == sorted(plain) == ["batch_label", "data", "filenames", "labels"]
+    assert type(safe["data"]) is np.ndarray and np.array_equal(safe["data"], plain["data"])
+    assert safe["data"].dtype == np.uint8 and safe["labels"] == plain["labels"] and safe["filenames"] == plain["filenames"]
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("dtype", ["u1", "i1", "<u2", ">i4", "<i8", ">u8"])
+def test_integer_arrays_load_as_numpy_loads_them(protocol, dtype):
+    array = np.arange(-3, 9).astype(dtype).reshape(3, 4)
+    for value in (array, np.asfortranarray(array), array[:, ::2]):
+        raw = pickle.dumps({b"a": value, b"b": [value, {b"c": value}]}, protocol=protocol)
+        safe, plain = safe_load(io.BytesIO(raw)), pickle.loads(raw)
+        for place in (lambda d: d[b"a"], lambda d: d[b"b"][0], lambda d: d[b"b"][1][b"c"]):
+            got, want = place(safe), place(plain)
+            assert type(got) is np.ndarray and got.dtype == want.dtype and np.array_equal(got, want)
 
 
 # --- download ---------------------------------------------------------------

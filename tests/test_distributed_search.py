@@ -169,7 +169,7 @@ def _searches(rank, root):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("searches")
-    codes, results = _spawn(tmp, _searches, str(tmp / "runs"), wait_s=400)
+    codes, results = _spawn(tmp, _searches, str(tmp / "runs"), wait_s=3600)
     assert codes == [0, 0], [r and r["stderr"][-3000:] for r in results]
     return tmp / "runs", results
 
@@ -243,8 +243,7 @@ def test_torchrun_runs_the_real_command_and_resumes(tmp_path):
 
     def torchrun(extra=()):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               "2", "--no-python", script, *args, *extra], env=env, capture_output=True, text=True,
-                              timeout=240)
+                               "2", "--no-python", script, *args, *extra], env=env, capture_output=True, text=True)
 
     first = torchrun()
     assert first.returncode == 0, first.stderr[-3000:]
@@ -279,7 +278,7 @@ def _killed_rank(rank, root):
 
 def test_a_killed_rank_stops_the_other_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "20")
-    codes, results = _spawn(tmp_path, _killed_rank, str(tmp_path), wait_s=120, after_rank_0_s=5)
+    codes, results = _spawn(tmp_path, _killed_rank, str(tmp_path), wait_s=3600, after_rank_0_s=60)
     assert codes[1] == 1 and codes[0] == 3
     assert "rank 0 of 2 lost contact with the others" in results[0]["lost"]
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # whole, from epoch 1

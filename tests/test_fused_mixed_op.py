@@ -304,20 +304,63 @@ def test_second_order_search_step_gives_the_reference_alpha():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_three_search_steps_on_digits_give_the_reference_genotype(tmp_path):
+def _digits_batches(n_batches, batch=32):
+    """The first ``n_batches`` pairs of (train, validation) batches of digits, normalised, float64."""
+    from fastdarts.data import load_dataset
+
+    data = load_dataset("digits")
+    images = data.train.images.double() / 255
+    mean = torch.tensor(data.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, dtype=torch.float64).view(1, -1, 1, 1)
+    images, labels = (images - mean) / std, data.train.labels
+    for i in range(n_batches):
+        t, v = slice(2 * i * batch, (2 * i + 1) * batch), slice((2 * i + 1) * batch, (2 * i + 2) * batch)
+        yield (images[t], labels[t]), (images[v], labels[v])
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_three_search_steps_on_digits_give_the_reference_in_float64(order):
+    """Three whole search steps (architecture step, then weight step) on real
+    digits batches: in float64 fused and reference agree to rounding, in α
+    (Adam normalises each gradient component, so a near-zero component's
+    rounding would show here in float32 at any tolerance below the learning
+    rate: that is why this test is float64), weights and the genotype."""
+    from fastdarts import SearchNetwork
+    from fastdarts.architect import Architect
+    from fastdarts.search_loop import search_step
+
+    torch.manual_seed(3)
+    kw = dict(C=4, num_classes=10, layout="N,R,N", ops="darts", steps=2, multiplier=2, in_channels=1)
+    nets = {"reference": SearchNetwork(backend="reference", **kw).double()}
+    nets["fused"] = SearchNetwork(backend="reference", **kw).double()
+    nets["fused"].load_state_dict(nets["reference"].state_dict())
+    nets["fused"].set_backend("fused")
+    for net in nets.values():
+        w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+        architect = Architect(net, w_opt, order=order, lr=3e-4, weight_decay=1e-3, betas=(0.5, 0.999))
+        for train, val in _digits_batches(3):
+            search_step(net, architect, w_opt, train, val, grad_clip=5.0)
+    ref, fused = nets["reference"], nets["fused"]
+    for a_r, a_f in zip(ref.arch_parameters(), fused.arch_parameters()):
+        assert (a_r - a_r.detach().clone().zero_()).abs().max() > 0  # α moved
+        torch.testing.assert_close(a_f, a_r, rtol=0, atol=1e-12)
+    for (name, w_r), w_f in zip(ref.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(w_f, w_r, rtol=1e-9, atol=1e-12, msg=name)
+    assert fused.genotype() == ref.genotype()
+
+
+def test_search_on_digits_in_float32_gives_the_reference_losses(tmp_path):
+    """The whole search loop in float32: what float32 can promise across
+    machines and thread counts is the losses to its rounding (α's small
+    components are normalised by Adam; the float64 test above checks them)."""
     from fastdarts import search
     from test_search import TINY
 
     results = {backend: search(epochs=1, out=str(tmp_path / backend), backend=backend, log=lambda _: None, **TINY)
                for backend in ("reference", "fused")}
-    assert results["fused"].genotype == results["reference"].genotype
-    # Adam's step is lr·m̂/(√v̂+ε): a relative error δ of a gradient component
-    # moves it by about lr·δ. fp32 gradients agree within 1e-5 of their scale
-    # (above); for a component 100x below its tensor's largest that is
-    # δ = 1e-3, so three steps of lr = 3e-4 differ by at most ~1e-6 (measured:
-    # about 1e-9).
-    for a_r, a_f in zip(results["reference"].model.arch_parameters(), results["fused"].model.arch_parameters()):
-        torch.testing.assert_close(a_f, a_r, rtol=0, atol=3 * 3e-4 * 1e-3)
+    r, f = results["reference"].history[0], results["fused"].history[0]
+    for key in ("train_loss", "arch_loss", "val_loss"):
+        assert f[key] == pytest.approx(r[key], rel=1e-4), key
 
 
 @pytest.mark.parametrize("kernels", ["ref", "cpp", "triton"])

@@ -147,7 +147,7 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path):
     with pytest.raises(FastDartsError, match="no checkpoint at"):
         search(epochs=1, out=str(tmp_path), resume=True, log=_quiet, **TINY)
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FastDartsError, match="cannot read checkpoint"):
+    with pytest.raises(FastDartsError, match="cannot read search checkpoint .*: it is not a PyTorch file"):
         search(epochs=1, out=str(tmp_path), resume=True, log=_quiet, **TINY)
 
 

@@ -1,17 +1,17 @@
 """CIFAR-10, python version: verified download, atomic extraction, strict parsing.
 
 No torchvision: the batches are pickled dicts of a uint8 ``N x 3072`` array
-(channel-major 32x32) and a label list. The archive is checked against its md5
-before anything is extracted, and extraction happens in a temporary folder
-that is moved into place whole, so a half-written folder can never be read as
-data.
+(channel-major 32x32) and a label list, read by an unpickler that admits only
+such data (``safe_pickle``), so a planted batch file cannot run code. The
+archive is checked against its md5 before anything is extracted, and
+extraction happens in a temporary folder that is moved into place whole, so a
+half-written folder can never be read as data.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -23,6 +23,7 @@ import torch
 
 from ..errors import FastDartsError
 from .dataset import Dataset, ImageSet
+from .safe_pickle import RefusedPickle, safe_load
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -48,7 +49,13 @@ def download_cifar10(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
     folder = root / FOLDER
     if folder.is_dir():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise FastDartsError(f"--data {root} is a file, not a folder: give the folder that holds (or receives) "
+                             f"{FOLDER}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FastDartsError(f"cannot create the data folder {root} ({exc.strerror or exc})") from None
     archive = root / ARCHIVE
     if not archive.exists():
         _fetch(url, archive, md5)  # verified while it streams in: no second read of 170 MB
@@ -157,9 +164,11 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = safe_load(f)  # never pickle.load: the md5 covers the archive, not the files in the folder
     except FileNotFoundError:
         raise bad("is missing") from None
+    except RefusedPickle as exc:  # a planted file that would run code (os.system, eval, ...) on load
+        raise bad(f"is not a CIFAR batch ({exc})") from None
     except Exception as exc:  # garbage bytes can make unpickling fail in any way
         raise bad(f"is corrupt ({type(exc).__name__})") from exc
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

@@ -14,10 +14,23 @@ taken. A missing build is reported only when someone asks for it.
 
 Importing is not working: a Triton kernel compiles on first use (an old
 ptxas or an architecture Triton does not know fails only then), and a CUDA
-kernel built for other architectures fails only at launch. So each compiled
-implementation runs once on tiny tensors of the device before it is chosen;
-one that fails is skipped for the next usable one with one warning naming the
-failure (or, when forced, is an error).
+kernel built for other architectures fails only at launch; and running is not
+computing the right thing. So each compiled implementation runs once on tiny
+tensors of the device before it is chosen (``_probe``): ``bn_accumulate``, its
+backward (both outputs, with and without ``∂L/∂z``), and, where it is compiled,
+the 3x3 pool for stride 1 and 2, max and avg, forward and backward (through
+autograd), in each dtype the search may give it, on deterministic inputs that
+are not symmetric (odd sizes, mean ≠ 0, invstd ≠ 1, weight ≠ 1). Every output
+is compared with its ``*_ref`` twin's on the same tensors: same shape and
+dtype, and a max error within ``(2·eps(output dtype) + 32·eps(fp32)) · scale``
+(one rounding to the output's dtype, twice for margin, so looser for fp16/bf16
+outputs, plus the reordering of the arithmetic, done in fp32; ``scale``: the
+reference output's largest magnitude, for ``∂L/∂w``, a sum, that of its terms
+``Σ|dy·x̂|``). An implementation that fails or disagrees is skipped for the
+next usable one with one warning naming the failure, e.g. ``the cpp kernels
+fail on cpu (bn_accumulate_backward gives wrong values of dz in float32 (max
+error 0.481 against the reference's at tolerance 0.000195))`` (or, when
+forced, is an error).
 """
 from __future__ import annotations
 
@@ -29,8 +42,8 @@ import torch
 
 from ..errors import FastDartsError
 from . import extension, triton_bn_accumulate
-from .bn_accumulate import bn_accumulate_backward_ref, bn_accumulate_ref
-from .pool3x3 import pool3x3_ref
+from .bn_accumulate import accumulator_dtype, bn_accumulate_backward_ref, bn_accumulate_ref
+from .pool3x3 import pool3x3_backward_ref, pool3x3_ref
 
 ENV_VAR = "FASTDARTS_BACKEND"
 KERNEL_BACKENDS = ("cuda", "triton", "cpp", "ref")
@@ -95,24 +108,114 @@ def _ops_of(name: str) -> KernelOps:
     return KernelOps(torch.ops.fastdarts.bn_accumulate, torch.ops.fastdarts.bn_accumulate_backward, pool)
 
 
+class _WrongValues(Exception):
+    """A probed kernel's output that disagrees with its reference's."""
+
+
+# The probe's tolerance, relative to the scale of the reference's output: one
+# rounding to the output's dtype (twice, for margin; the looser term for fp16
+# and bf16 outputs) plus the reordering of the arithmetic in the accumulator
+# dtype (fp32), a few dozen operations and sums of at most 210 terms.
+_OUTPUT_ROUNDINGS = 2
+_ACCUMULATOR_ULPS = 32
+
+
+def _tolerance(out_dtype: torch.dtype, dtype: torch.dtype, scale: float) -> float:
+    return (_OUTPUT_ROUNDINGS * torch.finfo(out_dtype).eps
+            + _ACCUMULATOR_ULPS * torch.finfo(accumulator_dtype(dtype)).eps) * scale
+
+
+def _compare(op: str, setting: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+             scale: float | None = None) -> None:
+    """Raise ``_WrongValues`` unless ``out`` is ``ref`` (same shape and dtype,
+    values within the tolerance; a NaN is never within it). ``setting`` says
+    which output and which call, for the message; ``scale`` defaults to
+    ``max |ref|``."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        raise _WrongValues(f"{op} gives a {tuple(out.shape)} {str(out.dtype).removeprefix('torch.')} tensor"
+                           f"{setting} where the reference gives {tuple(ref.shape)} "
+                           f"{str(ref.dtype).removeprefix('torch.')}")
+    if ref.numel() == 0:
+        return
+    error = (out.double() - ref.double()).abs().max().item()
+    if scale is None:
+        scale = ref.abs().max().item()
+    tolerance = _tolerance(ref.dtype, dtype, scale)
+    if not error <= tolerance:
+        raise _WrongValues(f"{op} gives wrong values{setting} (max error {error:.3g} against the reference's "
+                           f"at tolerance {tolerance:.3g})")
+
+
+# The probe's tensors: odd, unequal sizes (a mixed-up H and W, N and C, or a
+# tail shows), and per-channel statistics and a weight that are not 0 and 1.
+_PROBE_SHAPE = (2, 3, 5, 7)
+_PROBE_MEAN = (0.37, -0.81, 1.23)
+_PROBE_INVSTD = (1.7, 0.55, 2.3)
+_PROBE_WEIGHT = 0.83
+
+
+def _probe_values(ops: KernelOps, device: torch.device, dtype: torch.dtype) -> None:
+    """Compare every kernel of ``ops`` with its reference on tiny
+    deterministic tensors of ``device`` and ``dtype``; raise ``_WrongValues``
+    on the first that disagrees (any other exception: it fails)."""
+    g = torch.Generator().manual_seed(1234)  # on the CPU, then moved: the same values on every device
+
+    def randn(shape, scale=1.0, shift=0.0, to=dtype):
+        return (torch.randn(shape, generator=g) * scale + shift).to(device=device, dtype=to)
+
+    acc_dtype = accumulator_dtype(dtype)
+    z = randn(_PROBE_SHAPE, 1.5, 0.4)
+    # dy correlated with z: ∂L/∂w = Σ dy·x̂ is then not a sum that cancels to
+    # near 0, so a relative error of it is caught at a tolerance relative to Σ|dy·x̂|.
+    dy = (randn(_PROBE_SHAPE, to=acc_dtype) + z.to(acc_dtype)).to(dtype)
+    acc = randn(_PROBE_SHAPE, to=acc_dtype)
+    mean, invstd = (torch.tensor(v, dtype=acc_dtype, device=device) for v in (_PROBE_MEAN, _PROBE_INVSTD))
+    weight = torch.tensor(_PROBE_WEIGHT, dtype=acc_dtype, device=device)
+    in_dtype = f" in {str(dtype).removeprefix('torch.')}"
+
+    _compare("bn_accumulate", in_dtype, ops.bn_accumulate(acc, z, mean, invstd, weight),
+             bn_accumulate_ref(acc, z, mean, invstd, weight), dtype)
+    xhat = (z.double() - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1)
+    dweight_scale = (dy.double() * xhat).abs().sum().item()  # ∂L/∂w is a sum: the scale of its terms
+    for compute_dz in (True, False):
+        call = "" if compute_dz else " (compute_dz=False)"
+        dz, dweight = ops.bn_accumulate_backward(dy, z, mean, invstd, weight, compute_dz)
+        dz_ref, dweight_ref = bn_accumulate_backward_ref(dy, z, mean, invstd, weight, compute_dz)
+        _compare("bn_accumulate_backward", f" of dz{call}{in_dtype}", dz, dz_ref, dtype)
+        _compare("bn_accumulate_backward", f" of dweight{call}{in_dtype}", dweight, dweight_ref, dtype,
+                 dweight_scale)
+    if ops.pool3x3 is pool3x3_ref:
+        return  # ATen's pools (no compiled kernel on this device): nothing to compare
+    for is_max in (True, False):
+        for stride in (1, 2):
+            setting = f" for {'max' if is_max else 'avg'}, stride {stride}{in_dtype}"
+            x = z.detach().requires_grad_(True)
+            y = ops.pool3x3(x, stride, is_max)
+            y_ref = pool3x3_ref(z, stride, is_max)
+            _compare("pool3x3", setting, y.detach(), y_ref, dtype)
+            dy_pool = randn(y_ref.shape)
+            (dx,) = torch.autograd.grad(y, x, dy_pool)
+            _compare("pool3x3_backward", f" of dx{setting}", dx, pool3x3_backward_ref(dy_pool, z, stride, is_max),
+                     dtype)
+
+
 def _probe(name: str, device: torch.device) -> str | None:
     """Run every kernel of ``name`` once on tiny tensors (compiling it if it
-    must be), in each dtype the search may give it; the failure as one line,
+    must be), in each dtype the search may give it, and compare its outputs
+    with the references'; why it fails or which output is wrong, as one line,
     or None."""
     ops = _ops_of(name)
     # Triton compiles per dtype (bf16 fails on GPUs without it); the interpreter has no bf16.
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
     try:
-        for dtype in dtypes:
-            z = torch.linspace(-1.0, 1.0, 2 * 3 * 5 * 5, device=device).reshape(2, 3, 5, 5).to(dtype)
-            mean, invstd, weight = (torch.full(shape, value, device=device) for shape, value in
-                                    (((3,), 0.0), ((3,), 1.0), ((), 1.0)))
-            ops.bn_accumulate(torch.zeros(z.shape, device=device), z, mean, invstd, weight)
-            ops.bn_accumulate_backward(z, z, mean, invstd, weight, True)
-            for stride in (1, 2):
-                ops.pool3x3(z, stride, True)
+        # Whatever mode the first caller is in: real tensors, and autograd for the pool's backward.
+        with torch.inference_mode(False), torch.enable_grad():
+            for dtype in dtypes:
+                _probe_values(ops, device, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a launch failure shows here at the latest
+    except _WrongValues as wrong:
+        return str(wrong)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels
         first_line = (str(exc).strip().splitlines() or [""])[0]
         return f"{type(exc).__name__}: {first_line}"

@@ -5,9 +5,13 @@ torch.compile / FakeTensor, and the autograd formula of ``bn_accumulate``.
 The extension is optional (pure-Python installs have none): importing this
 module never fails. ``HAS_EXTENSION`` says whether the ops exist,
 ``EXTENSION_ERROR`` why not (for the error message of whoever asks for them),
-``HAS_CUDA_KERNELS`` whether they run on CUDA tensors.
+``HAS_CUDA_KERNELS`` whether they run on CUDA tensors. ``FASTDARTS_NO_EXTENSION=1``
+at run time skips loading an installed extension (the plain-PyTorch and
+Triton kernels run instead), as it skips building it at install time.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -15,10 +19,14 @@ from .bn_accumulate import register_fake_and_autograd
 from .pool3x3 import check_pool_args
 
 EXTENSION_ERROR: str | None = None
-try:
-    import fastdarts._C  # noqa: F401  (loading the library registers torch.ops.fastdarts.*)
-except ImportError as exc:  # not built, or built against another torch
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+if os.environ.get("FASTDARTS_NO_EXTENSION", "").strip() not in ("", "0"):
+    # Honoured at run time as at build time: an installed extension is then not loaded.
+    EXTENSION_ERROR = "FASTDARTS_NO_EXTENSION is set, so the extension is not loaded"
+else:
+    try:
+        import fastdarts._C  # noqa: F401  (loading the library registers torch.ops.fastdarts.*)
+    except ImportError as exc:  # not built, or built against another torch
+        EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
 HAS_EXTENSION: bool = EXTENSION_ERROR is None
 HAS_CUDA_KERNELS: bool = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
