@@ -89,8 +89,9 @@ def search_whole(tmp_path_factory):
     return out, disk.names
 
 
-# Every write fails once at its rename; the checkpoints also at torch.save, the pictures at savefig.
-@pytest.mark.parametrize("index, how", _cases(dict(replace=range(9), save=[1, 3], savefig=[6, 8])))
+# Each kind of write fails once at its rename (metrics and checkpoint of the first and the last epoch,
+# genotype.json, genotype.txt, a picture); a checkpoint at torch.save, a picture at savefig.
+@pytest.mark.parametrize("index, how", _cases(dict(replace=[0, 1, 2, 3, 4, 5, 6], save=[3], savefig=[8])))
 def test_search_on_a_full_disk(search_whole, tmp_path, monkeypatch, index, how):
     whole, names = search_whole
     out = tmp_path / "search"
@@ -126,11 +127,9 @@ def train_whole(tmp_path_factory):
     return out, disk.names
 
 
-@pytest.mark.parametrize("index, how", _cases(dict(replace=range(9), save=[0, 3], savefig=[-1])))
+@pytest.mark.parametrize("index, how", _cases(dict(replace=[0, 1, 2, 3, -2], save=[0], savefig=[-1])))
 def test_training_on_a_full_disk(train_whole, tmp_path, monkeypatch, index, how):
     whole, names = train_whole
-    if index >= len(names):
-        pytest.skip(f"the run writes {len(names)} files")
     index %= len(names)
     out = tmp_path / "train"
     disk = Disk(monkeypatch, fail_at=index, how=how)
@@ -171,7 +170,7 @@ def _rank_entries(folder):
     return [{k: v for k, v in a.items() if k != "seconds"} for a in document["architectures"]]
 
 
-@pytest.mark.parametrize("index, how", _cases(dict(replace=[0, 1, 4, -2, -1], save=[1], savefig=[-1])))
+@pytest.mark.parametrize("index, how", _cases(dict(replace=[0, 4, -2], save=[1], savefig=[-1])))
 def test_rank_on_a_full_disk(search_whole, rank_whole, tmp_path, monkeypatch, index, how):
     whole, names = rank_whole
     index %= len(names)
