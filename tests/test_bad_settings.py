@@ -50,7 +50,8 @@ def _no_step(monkeypatch):
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_search_settings_are_refused(flag, value, tmp_path, monkeypatch):
     _no_step(monkeypatch)
-    line = _error(search_main, SEARCH + [flag, value, "--out", str(tmp_path / "run")], "fastdarts-search")
+    # --flag=value: argparse would read a separate -inf as a flag.
+    line = _error(search_main, SEARCH + [f"{flag}={value}", "--out", str(tmp_path / "run")], "fastdarts-search")
     assert line.endswith(f"{flag[2:]} must be a finite number, got {float(value)!r}"), line
     assert not (tmp_path / "run").exists()
 
