@@ -39,6 +39,7 @@ from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
 from .genotype import Genotype
 from .run_utils import read_torch, resolve_device, resolve_fast_options
+from .size_check import check_eval_size
 
 TRAIN_CHECKPOINT_FORMAT = TRAIN_FORMAT
 
@@ -170,6 +171,7 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
         spec, state = dict(obj["network"]), obj[weights_key]
         if image_size is not None:
             spec["image_size"] = image_size
+        check_eval_size(spec, map_location, source=str(path))  # its weights, before it is built
         try:
             model = NetworkCIFAR.from_spec(spec)
         except FastDartsError as e:
@@ -201,6 +203,8 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
     for name, value in (("channels", channels), ("layers", layers)):
         if value is not None and value != spec[name]:
             raise FastDartsError(f"{path} holds a network with {name}={spec[name]}, not {value}")
+    check_eval_size({**spec, "genotype": genotype.to_dict(), "image_size": image_size or 32}, map_location,
+                    source=str(path))
     model = NetworkCIFAR(genotype, C=spec["channels"], num_classes=spec["num_classes"], layers=spec["layers"],
                          auxiliary=spec["auxiliary"], in_channels=spec["in_channels"],
                          image_size=image_size or 32)
@@ -258,6 +262,9 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
         model = NetworkCIFAR.from_spec({**spec, "image_size": data_set.image_size})
         model.load_state_dict(loaded.model.state_dict())
     bf16, channels_last = resolve_fast_options(target, bf16, channels_last, bf16_default=False)
+    # The forward at this batch (and the weights, where they are not in host memory already).
+    check_eval_size(spec, target, batch=batch_size, world_size=dist.world_size if dist else 1, bf16=bf16,
+                    include_weights=target.type != "cpu", source=str(path))
     model = model.to(target)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -57,6 +57,7 @@ from .ops import resolve_ops
 from .recompute import check_recompute
 from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_device,
                         save_torch, seed_everything, set_lr, steps_per_epoch, write_jsonl)
+from .size_check import check_search_size
 from .supernet import SearchNetwork
 
 CHECKPOINT = "checkpoint.pt"
@@ -361,6 +362,8 @@ class _Searcher:
                     f"layout {layout} has {reductions} reduction cells, but {dataset.image_size}x"
                     f"{dataset.image_size} {config.dataset} images allow at most "
                     f"{dataset.image_size.bit_length() - 1}")
+        # Before anything real is built: a supernet that cannot fit is one line saying what fits.
+        check_search_size(config, dataset, self.device, world_size=dist.world_size)
         # Moved once: the loaders of the architecture half then share one copy on the device.
         train_set, val_set = (part.to(self.device) for part in dataset.search_split(config.train_portion))
         loader = dict(device=self.device, mean=dataset.mean, std=dataset.std,
@@ -397,6 +400,9 @@ class _Searcher:
         if reseed:
             seed_everything(mix_seed(cfg.seed, index, _STAGE_PASS) % 2 ** 32)
         self.stage, self.edge_ops = index, edge_ops
+        if index > 0:  # a later stage's edges are known only now
+            check_search_size(cfg, self.dataset, self.device, world_size=self.dist.world_size,
+                              layout=self.stages[index][0], edge_ops=edge_ops, stage=index)
         self.model = build_supernet(cfg, self.dataset, self.device, layout=self.stages[index][0], edge_ops=edge_ops)
         self.weight_optimizer = DeviceLrSGD(self.model.weight_parameters(), lr=cfg.lr,
                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -49,6 +49,7 @@ from .genotype import Genotype, get_genotype
 from .layout import reduction_layout
 from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_fast_options,
                         save_torch, seed_everything, set_lr, steps_per_epoch, write_jsonl)
+from .size_check import check_train_size
 
 CHECKPOINT = "checkpoint.pt"
 # Pass number of the drop-path generator in mix_seed (plus the rank); the loader's passes are 0, 1, ...
@@ -209,6 +210,8 @@ class _Trainer:
                 f"{dataset.image_size} {config.dataset} images allow at most {dataset.image_size.bit_length() - 1}")
         if config.cutout is None:
             config = dataclasses.replace(config, cutout=default_cutout(dataset.image_size))
+        # Before anything real is built: a network that cannot fit is one line saying what fits.
+        check_train_size(config, dataset, self.device, world_size=dist.world_size)
         self.config = config
         self.dataset_name = dataset.name
         loader = dict(device=self.device, mean=dataset.mean, std=dataset.std,
