@@ -597,11 +597,11 @@ class _Searcher:
         entry = dict(epoch=epoch + 1, **self._stage_fields(stage_epoch), lr=lr,
                      **self._train_epoch(epoch, stage_epoch), **self._evaluate(),
                      method=cfg.method, backend=cfg.backend, recompute=cfg.recompute, kernels=self.kernels)
-        check_finite_epoch(entry, ("train_loss", "arch_loss", "val_loss"), self.checkpoint_path,
+        # A diverged epoch ends the run before it is written: the checkpoint keeps the last finite one.
+        alpha_finite = all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters())
+        check_finite_epoch({**entry, "alpha": 0.0 if alpha_finite else float("nan")},
+                           ("train_loss", "arch_loss", "val_loss", "alpha"), self.checkpoint_path,
                            f"lower --lr (now {cfg.lr:g}) or --arch-lr (now {cfg.arch_lr:g})")
-        if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
-            check_finite_epoch(dict(epoch=entry["epoch"], alpha=float("nan")), ("alpha",), self.checkpoint_path,
-                               f"lower --arch-lr (now {cfg.arch_lr:g})")
         if cfg.aux_skip:
             entry["aux_skip_weight"] = aux_skip_weight(stage_epoch, cfg.epochs)
         genotype = self.model.genotype()
