@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -33,8 +34,21 @@ class WriteError(FastDartsError):
         super().__init__(f"cannot write {path}: {reason}")
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+# Free space below which a failed write is put down to a full disk: torch's writer reports a short
+# write as "unexpected pos" (a RuntimeError without an errno), even through a Python file object.
+_NEARLY_FULL = 1 << 20
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _reason(exc: BaseException, folder: Path | None = None) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or (
+            not isinstance(exc, OSError) and folder is not None and _disk_full(folder)):
         return "the disk is full (no space left on device)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
@@ -54,13 +68,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:  # an error or an interrupt mid-write leaves no half file behind
+        reason = _reason(exc, path.parent)  # before the temporary file's space is freed
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, FastDartsError):
             kept = "; the previous file is kept" if path.is_file() else ""
-            raise WriteError(path, _reason(exc) + kept) from exc
+            raise WriteError(path, reason + kept) from exc
         raise
 
 
