@@ -95,24 +95,33 @@ def test_search_steps_on_cuda_give_the_cpu_alpha(order):
         torch.testing.assert_close(a_gpu.cpu(), a_cpu, rtol=0, atol=3 * 3e-4 * 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("ops", ["darts", "extended"])
-def test_fused_edge_updates_running_stats_exactly_once(ops, stride):
-    """On one edge the fused path sees the reference's exact z, so its BN
-    statistics (updated once, never by the recompute) are bit-identical."""
+def test_fused_edge_updates_running_stats_exactly_once(ops, stride, dtype):
+    """The fused path updates each BN's statistics once (never in the
+    recompute): the same batch counts, and running statistics equal to the
+    reference's to rounding (a second update would move them by the momentum,
+    10%). Not bit for bit: on stride-2 edges the fused FactorizedReduce runs
+    its 1x1 convs at stride 1 on the subsampled input, which oneDNN may sum in
+    another order (seen with one thread); exactness is tested in float64."""
     from fastdarts.ops import resolve_ops
 
     torch.manual_seed(2)
-    ref = MixedOp(6, stride, resolve_ops(ops), backend="reference")
-    fused = MixedOp(6, stride, resolve_ops(ops), backend="fused")
+    ref = MixedOp(6, stride, resolve_ops(ops), backend="reference").to(dtype)
+    fused = MixedOp(6, stride, resolve_ops(ops), backend="fused").to(dtype)
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(3, 6, 9, 9, requires_grad=True)
-    w = torch.softmax(torch.randn(len(ref.ops)), 0).requires_grad_(True)
+    x = torch.randn(3, 6, 9, 9, dtype=dtype, requires_grad=True)
+    w = torch.softmax(torch.randn(len(ref.ops), dtype=dtype), 0).requires_grad_(True)
     for m in (ref, fused):
         out = m(x, w)
         out.square().sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-7)
     for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
-        assert torch.equal(a, b), name
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, **tol, msg=name)
+        else:
+            assert torch.equal(a, b), name  # num_batches_tracked: one update each
 
 
 def test_fused_gradcheck_float64():

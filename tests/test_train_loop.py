@@ -129,7 +129,7 @@ def test_existing_checkpoint_is_not_overwritten_and_resume_needs_one(tmp_path):
         train(epochs=1, max_steps=1, out=str(tmp_path), log=_quiet, **TINY)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(FastDartsError, match="cannot read checkpoint"):
+    with pytest.raises(FastDartsError, match="cannot read training checkpoint"):
         train(epochs=1, max_steps=1, out=str(tmp_path), resume=True, log=_quiet, **TINY)
 
 
