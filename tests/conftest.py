@@ -47,6 +47,24 @@ def search_cli_error(argv, capsys) -> str:
     return err[0]
 
 
+def run_cli(main, argv) -> tuple[int, list[str]]:
+    """``main(argv)`` of a CLI entry point with its output captured: (exit status, stderr lines)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue().strip().splitlines()
+
+
+def cli_error(main, argv, prog) -> str:
+    """``main(argv)`` must fail with exit status 2 and one line ``prog: error: ...`` on stderr; returns it."""
+    code, err = run_cli(main, argv)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), (code, err)
+    return err[0]
+
+
 def tiny_net(**kw):
     """A supernet small enough for a test to run in well under a second."""
     from fastdarts import SearchNetwork

@@ -2,8 +2,6 @@
 work (SPEC §14): non-finite numbers, a run that diverges, an unwritable
 output folder, nested JSON, a file given as a folder, conflicting flags,
 FASTDARTS_NO_EXTENSION at run time."""
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_error
 import fastdarts.search_loop as search_module
 import fastdarts.train_loop as train_module
 import fastdarts.files as files
@@ -22,19 +21,6 @@ SEARCH = ["--dataset", "digits", "--layout", "N,R,N", "--channels", "4", "--step
           "--batch-size", "32", "--max-steps", "1", "--order", "first", "--device", "cpu", "--no-progress"]
 TRAIN = ["--dataset", "digits", "--layers", "3", "--channels", "4", "--batch-size", "64", "--max-steps", "1",
          "--device", "cpu", "--no-progress"]
-
-
-def _run(main, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue().strip().splitlines()
-
-
-def _error(main, argv, prog):
-    code, err = _run(main, argv)
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), (code, err)
-    return err[0]
 
 
 def _no_step(monkeypatch):
@@ -51,7 +37,7 @@ def _no_step(monkeypatch):
 def test_non_finite_search_settings_are_refused(flag, value, tmp_path, monkeypatch):
     _no_step(monkeypatch)
     # --flag=value: argparse would read a separate -inf as a flag.
-    line = _error(search_main, SEARCH + [f"{flag}={value}", "--out", str(tmp_path / "run")], "fastdarts-search")
+    line = cli_error(search_main, SEARCH + [f"{flag}={value}", "--out", str(tmp_path / "run")], "fastdarts-search")
     assert line.endswith(f"{flag[2:]} must be a finite number, got {float(value)!r}"), line
     assert not (tmp_path / "run").exists()
 
@@ -60,7 +46,7 @@ def test_non_finite_search_settings_are_refused(flag, value, tmp_path, monkeypat
                                   "--auxiliary-weight", "--drop-path-prob"])
 def test_non_finite_training_settings_are_refused(flag, tmp_path, monkeypatch):
     _no_step(monkeypatch)
-    line = _error(train_main, TRAIN + [flag, "inf", "--out", str(tmp_path / "run")], "fastdarts-train")
+    line = cli_error(train_main, TRAIN + [flag, "inf", "--out", str(tmp_path / "run")], "fastdarts-train")
     assert line.endswith(f"{flag[2:]} must be a finite number, got inf"), line
 
 
@@ -85,7 +71,7 @@ def _poison_second_epoch(monkeypatch, module, name, weights):
 def test_a_diverging_search_stops_with_its_last_finite_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _poison_second_epoch(monkeypatch, search_module, "search_step", lambda m: m.weight_parameters())
-    line = _error(search_main, SEARCH + ["--epochs", "3", "--out", str(out)], "fastdarts-search")
+    line = cli_error(search_main, SEARCH + ["--epochs", "3", "--out", str(out)], "fastdarts-search")
     assert "epoch 2 diverged (train_loss nan" in line and f"{out / 'checkpoint.pt'} keeps epoch 1" in line, line
     assert "lower --lr (now 0.025) or --arch-lr (now 0.0003)" in line
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -97,7 +83,7 @@ def test_a_diverging_search_stops_with_its_last_finite_checkpoint(tmp_path, monk
 def test_a_diverging_training_run_stops_with_its_last_finite_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _poison_second_epoch(monkeypatch, train_module, "train_step", lambda m: m.parameters())
-    line = _error(train_main, TRAIN + ["--epochs", "3", "--out", str(out)], "fastdarts-train")
+    line = cli_error(train_main, TRAIN + ["--epochs", "3", "--out", str(out)], "fastdarts-train")
     assert "epoch 2 diverged (train_loss nan" in line and f"{out / 'checkpoint.pt'} keeps epoch 1" in line, line
     assert len(torch.load(out / "checkpoint.pt", weights_only=True)["history"]) == 1
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
@@ -105,7 +91,7 @@ def test_a_diverging_training_run_stops_with_its_last_finite_checkpoint(tmp_path
 
 
 def test_a_run_diverging_in_its_first_epoch_says_nothing_was_kept(tmp_path):
-    line = _error(train_main, TRAIN + ["--epochs", "2", "--lr", "1e30", "--out", str(tmp_path / "run")],
+    line = cli_error(train_main, TRAIN + ["--epochs", "2", "--lr", "1e30", "--out", str(tmp_path / "run")],
                   "fastdarts-train")
     assert "epoch 1 diverged" in line and "no checkpoint was written; lower --lr (now 1e+30)" in line, line
 
@@ -120,7 +106,7 @@ def test_an_unwritable_out_is_found_before_the_first_step(main, argv, prog, tmp_
 
     # As root a read-only folder is writable anyway: the refusal is injected where the check writes.
     monkeypatch.setattr(files.tempfile, "mkstemp", refused)
-    line = _error(main, argv + ["--out", str(tmp_path / "ro")], prog)
+    line = cli_error(main, argv + ["--out", str(tmp_path / "ro")], prog)
     assert line.endswith("is not writable (in " + str(tmp_path) + ", where it would be created): permission denied; "
                          "choose another folder"), line
 
@@ -129,8 +115,8 @@ def test_an_unwritable_out_is_found_before_the_first_step(main, argv, prog, tmp_
 def test_deeply_nested_genotype_json_is_one_line(tmp_path, depth):
     path = tmp_path / "deep.json"
     path.write_text("[" * depth + "]" * depth)
-    assert "is nested too deeply to be a genotype" in _error(genotype_main, [str(path)], "fastdarts-genotype")
-    line = _error(train_main, TRAIN + ["--genotype", str(path), "--out", str(tmp_path / "run")], "fastdarts-train")
+    assert "is nested too deeply to be a genotype" in cli_error(genotype_main, [str(path)], "fastdarts-genotype")
+    line = cli_error(train_main, TRAIN + ["--genotype", str(path), "--out", str(tmp_path / "run")], "fastdarts-train")
     assert "is nested too deeply to be a genotype" in line
 
 
@@ -138,24 +124,24 @@ def test_a_long_bad_value_is_quoted_short(tmp_path):
     path = tmp_path / "g.json"
     path.write_text(json.dumps({"normal": [[[[[[[["x"] * 50]]]]]]], "normal_concat": [2], "reduce": [],
                                 "reduce_concat": []}))
-    line = _error(genotype_main, [str(path)], "fastdarts-genotype")
+    line = cli_error(genotype_main, [str(path)], "fastdarts-genotype")
     assert "must be an [op_name, input_node] pair, got [[[[[[" in line and line.endswith("...") and len(line) < 250
 
 
 def test_data_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    line = _error(search_main, ["--data", str(tmp_path / "f"), "--download", "--out", str(tmp_path / "run")],
+    line = cli_error(search_main, ["--data", str(tmp_path / "f"), "--download", "--out", str(tmp_path / "run")],
                   "fastdarts-search")
     assert line.endswith(f"--data {tmp_path / 'f'} is a file, not a folder: give the folder that holds "
                          f"(or receives) cifar-10-batches-py"), line
-    line = _error(search_main, ["--data", str(tmp_path / "f" / "sub"), "--download", "--out", str(tmp_path / "run")],
+    line = cli_error(search_main, ["--data", str(tmp_path / "f" / "sub"), "--download", "--out", str(tmp_path / "run")],
                   "fastdarts-search")
     assert "cannot create the data folder" in line and "Errno" not in line, line
 
 
 def test_stages_refuse_layers_as_they_refuse_a_layout(tmp_path):
     for flag, value in (("--layers", "5"), ("--layout", "N,R,N")):
-        line = _error(search_main, ["--dataset", "digits", "--stages", "3:8,3:5", flag, value,
+        line = cli_error(search_main, ["--dataset", "digits", "--stages", "3:8,3:5", flag, value,
                                     "--out", str(tmp_path)], "fastdarts-search")
         assert line.endswith(f"--stages sets each stage's cells; drop {flag} (or give the stages' cells)"), line
 

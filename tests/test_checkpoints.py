@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import cli_error
 from fastdarts.checkpoints import kind_of
 from fastdarts.cli import eval_main, search_main, train_main
 from fastdarts.files import read_torch
@@ -21,15 +22,6 @@ TRAIN = ["--dataset", "digits", "--layers", "3", "--channels", "4", "--batch-siz
          "--epochs", "2", "--device", "cpu", "--no-progress"]
 RANK = ["--num-archs", "1", "--layers", "3", "--channels", "4", "--train-epochs", "1", "--batch-size", "32",
         "--calib-batches", "1", "--max-steps", "1", "--device", "cpu", "--no-progress"]
-
-
-def _error(main, argv, prog):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    lines = err.getvalue().strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), (code, lines)
-    return lines[0]
 
 
 def _finished(main, argv, out):
@@ -96,7 +88,7 @@ SEARCH_DAMAGE = {
 @pytest.mark.parametrize("damage, needle", SEARCH_DAMAGE.values(), ids=SEARCH_DAMAGE.keys())
 def test_damaged_search_checkpoint_on_resume(search_run, tmp_path, damage, needle):
     run = _damaged_copy(search_run, tmp_path, "checkpoint.pt", damage)
-    line = _error(search_main, SEARCH + ["--out", str(run), "--resume"], "fastdarts-search")
+    line = cli_error(search_main, SEARCH + ["--out", str(run), "--resume"], "fastdarts-search")
     assert str(run / "checkpoint.pt") in line and needle in line, line
 
 
@@ -111,7 +103,7 @@ RANK_DAMAGE["config of nonsense"] = (lambda s: s["config"].update(channels="many
 @pytest.mark.parametrize("damage, needle", RANK_DAMAGE.values(), ids=RANK_DAMAGE.keys())
 def test_damaged_search_checkpoint_in_rank(search_run, tmp_path, damage, needle):
     run = _damaged_copy(search_run, tmp_path, "checkpoint.pt", damage)
-    line = _error(rank_main, [str(run), *RANK, "--out", str(tmp_path / "rank")], "fastdarts-rank")
+    line = cli_error(rank_main, [str(run), *RANK, "--out", str(tmp_path / "rank")], "fastdarts-rank")
     assert str(run / "checkpoint.pt") in line and needle in line, line
 
 
@@ -134,7 +126,7 @@ TRAIN_DAMAGE = {
 @pytest.mark.parametrize("damage, needle", TRAIN_DAMAGE.values(), ids=TRAIN_DAMAGE.keys())
 def test_damaged_training_checkpoint_on_resume(train_run, tmp_path, damage, needle):
     run = _damaged_copy(train_run, tmp_path, "checkpoint.pt", damage)
-    line = _error(train_main, TRAIN + ["--out", str(run), "--resume"], "fastdarts-train")
+    line = cli_error(train_main, TRAIN + ["--out", str(run), "--resume"], "fastdarts-train")
     assert str(run / "checkpoint.pt") in line and needle in line, line
 
 
@@ -145,23 +137,23 @@ EVAL_DAMAGE = {k: TRAIN_DAMAGE[k] for k in ("no model", "network a list", "tenso
 @pytest.mark.parametrize("damage, needle", EVAL_DAMAGE.values(), ids=EVAL_DAMAGE.keys())
 def test_damaged_training_checkpoint_in_eval(train_run, tmp_path, damage, needle):
     run = _damaged_copy(train_run, tmp_path, "checkpoint.pt", damage)
-    line = _error(eval_main, [str(run / "checkpoint.pt"), "--device", "cpu"], "fastdarts-eval")
+    line = cli_error(eval_main, [str(run / "checkpoint.pt"), "--device", "cpu"], "fastdarts-eval")
     assert needle in line, line
 
 
 def test_weights_with_a_nan_are_refused_by_eval(train_run, tmp_path):
     run = _damaged_copy(train_run, tmp_path, "last.pt",
                         lambda s: s["state_dict"][_first_tensor(s["state_dict"], 2)].view(-1)[0].fill_(float("nan")))
-    line = _error(eval_main, [str(run / "last.pt"), "--device", "cpu"], "fastdarts-eval")
+    line = cli_error(eval_main, [str(run / "last.pt"), "--device", "cpu"], "fastdarts-eval")
     assert "damaged fastdarts file" in line and "holds NaN or infinite values" in line
 
 
 def test_each_kind_is_named_with_the_command_that_reads_it(search_run, train_run, tmp_path):
-    line = _error(eval_main, [str(search_run / "checkpoint.pt"), "--device", "cpu"], "fastdarts-eval")
+    line = cli_error(eval_main, [str(search_run / "checkpoint.pt"), "--device", "cpu"], "fastdarts-eval")
     assert line.endswith("is a search checkpoint (fastdarts-search --resume and fastdarts-rank read it), "
                          "not trained weights"), line
     shutil.copytree(train_run, tmp_path / "as_search")
-    line = _error(search_main, SEARCH + ["--out", str(tmp_path / "as_search"), "--resume"], "fastdarts-search")
+    line = cli_error(search_main, SEARCH + ["--out", str(tmp_path / "as_search"), "--resume"], "fastdarts-search")
     assert "is a training checkpoint (fastdarts-train --resume and fastdarts-eval read it), not a search checkpoint" \
         in line, line
     assert kind_of(read_torch(train_run / "last.pt")) == "trained weights (fastdarts-eval reads them)"
@@ -184,7 +176,7 @@ def test_unreadable_checkpoints_say_what_is_wrong(search_run, tmp_path, content,
         (run / "checkpoint.pt").mkdir()
     else:
         (run / "checkpoint.pt").write_bytes(content)
-    line = _error(search_main, SEARCH + ["--out", str(run), "--resume"], "fastdarts-search")
+    line = cli_error(search_main, SEARCH + ["--out", str(run), "--resume"], "fastdarts-search")
     assert needle in line and "weights_only" not in line, line
 
 
@@ -196,6 +188,6 @@ def test_a_pickle_with_code_is_refused_without_advice_to_load_it_unsafely(tmp_pa
             return os.system, (f"touch {tmp_path / 'MARKER'}",)
 
     torch.save({"format": 1, "model": Planted()}, tmp_path / "w.pt")
-    line = _error(eval_main, [str(tmp_path / "w.pt"), "--device", "cpu"], "fastdarts-eval")
+    line = cli_error(eval_main, [str(tmp_path / "w.pt"), "--device", "cpu"], "fastdarts-eval")
     assert "loading such objects can run code" in line and "weights_only" not in line, line
     assert not (tmp_path / "MARKER").exists()

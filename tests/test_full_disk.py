@@ -4,9 +4,7 @@ with ENOSPC. Each must end in one line naming the file and exit 2, leave the
 previous checkpoint loadable and no temporary or empty file behind, and a
 ``--resume`` once there is room again must end exactly as the uninterrupted
 run ends."""
-import contextlib
 import errno
-import io
 import json
 import os
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 import torch
 
 import fastdarts.files as files
+from conftest import run_cli
 from fastdarts.cli import search_main, train_main
 from fastdarts.rank_disorder import rank_main
 
@@ -58,13 +57,6 @@ class Disk:
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing("savefig", real_savefig))
 
 
-def _run(main, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue().strip().splitlines()
-
-
 def _no_debris(folder: Path):
     for path in folder.rglob("*"):
         assert not path.name.endswith(".tmp"), path
@@ -83,7 +75,7 @@ def search_whole(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "search"
     with pytest.MonkeyPatch.context() as mp:
         disk = Disk(mp)
-        assert _run(search_main, SEARCH + ["--out", str(out)])[0] == 0
+        assert run_cli(search_main, SEARCH + ["--out", str(out)])[0] == 0
     assert disk.names == ["metrics.jsonl", "checkpoint.pt"] * 2 + [
         "genotype.json", "genotype.txt", "normal.png", "reduce.png", "alphas.png"]
     return out, disk.names
@@ -96,7 +88,7 @@ def test_search_on_a_full_disk(search_whole, tmp_path, monkeypatch, index, how):
     whole, names = search_whole
     out = tmp_path / "search"
     disk = Disk(monkeypatch, fail_at=index, how=how)
-    code, err = _run(search_main, SEARCH + ["--out", str(out)])
+    code, err = run_cli(search_main, SEARCH + ["--out", str(out)])
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"fastdarts-search: error: cannot write {out / names[index]}: the disk is full"), err
     _no_debris(out)
@@ -105,7 +97,7 @@ def test_search_on_a_full_disk(search_whole, tmp_path, monkeypatch, index, how):
         torch.load(out / "checkpoint.pt", weights_only=True)
     disk.active = False  # space freed
     resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    assert _run(search_main, SEARCH + ["--out", str(out)] + resume)[0] == 0
+    assert run_cli(search_main, SEARCH + ["--out", str(out)] + resume)[0] == 0
     _no_debris(out)
     ours, theirs = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (out, whole))
     for key, value in theirs["model"].items():
@@ -122,7 +114,7 @@ def train_whole(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "train"
     with pytest.MonkeyPatch.context() as mp:
         disk = Disk(mp)
-        assert _run(train_main, TRAIN + ["--out", str(out)])[0] == 0
+        assert run_cli(train_main, TRAIN + ["--out", str(out)])[0] == 0
     assert disk.names[-1] == "curves.png" and disk.names.count("checkpoint.pt") == 2
     return out, disk.names
 
@@ -133,7 +125,7 @@ def test_training_on_a_full_disk(train_whole, tmp_path, monkeypatch, index, how)
     index %= len(names)
     out = tmp_path / "train"
     disk = Disk(monkeypatch, fail_at=index, how=how)
-    code, err = _run(train_main, TRAIN + ["--out", str(out)])
+    code, err = run_cli(train_main, TRAIN + ["--out", str(out)])
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"fastdarts-train: error: cannot write {out / names[index]}: the disk is full"), err
     _no_debris(out)
@@ -141,7 +133,7 @@ def test_training_on_a_full_disk(train_whole, tmp_path, monkeypatch, index, how)
         torch.load(out / "checkpoint.pt", weights_only=True)
     disk.active = False
     resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    assert _run(train_main, TRAIN + ["--out", str(out)] + resume)[0] == 0
+    assert run_cli(train_main, TRAIN + ["--out", str(out)] + resume)[0] == 0
     _no_debris(out)
     for name in ("checkpoint.pt", "last.pt"):
         ours, theirs = (torch.load(d / name, weights_only=True) for d in (out, whole))
@@ -160,7 +152,7 @@ def rank_whole(search_whole, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "rank"
     with pytest.MonkeyPatch.context() as mp:
         disk = Disk(mp)
-        assert _run(rank_main, [str(search_whole[0]), *RANK, "--out", str(out)])[0] == 0
+        assert run_cli(rank_main, [str(search_whole[0]), *RANK, "--out", str(out)])[0] == 0
     assert disk.names[0] == "rank.json" and disk.names[-1] == "rank.png"
     return out, disk.names
 
@@ -176,13 +168,13 @@ def test_rank_on_a_full_disk(search_whole, rank_whole, tmp_path, monkeypatch, in
     index %= len(names)
     out = tmp_path / "rank"
     disk = Disk(monkeypatch, fail_at=index, how=how)
-    code, err = _run(rank_main, [str(search_whole[0]), *RANK, "--out", str(out)])
+    code, err = run_cli(rank_main, [str(search_whole[0]), *RANK, "--out", str(out)])
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("fastdarts-rank: error: cannot write ") and names[index] in err[0], err
     assert "the disk is full" in err[0]
     _no_debris(out)
     disk.active = False
     resume = ["--resume"] if (out / "rank.json").exists() else []
-    assert _run(rank_main, [str(search_whole[0]), *RANK, "--out", str(out)] + resume)[0] == 0
+    assert run_cli(rank_main, [str(search_whole[0]), *RANK, "--out", str(out)] + resume)[0] == 0
     _no_debris(out)
     assert _rank_entries(out) == _rank_entries(whole)
