@@ -37,11 +37,10 @@ from .checkpoints import TRAIN_FORMAT, WEIGHTS_FORMAT, check_entries, kind_of, l
 from .distributed import DistContext, all_reduce_sum_, main_rank_first, per_rank_batch
 from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
+from .files import read_torch
 from .genotype import Genotype
-from .run_utils import read_torch, resolve_device, resolve_fast_options
+from .run_utils import resolve_device, resolve_fast_options
 from .size_check import check_eval_size
-
-TRAIN_CHECKPOINT_FORMAT = TRAIN_FORMAT
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -164,7 +163,7 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
     """
     path = Path(path)
     obj = read_torch(path, map_location, what="weights file")
-    if isinstance(obj, Mapping) and obj.get("format") in (WEIGHTS_FORMAT, TRAIN_CHECKPOINT_FORMAT):
+    if isinstance(obj, Mapping) and obj.get("format") in (WEIGHTS_FORMAT, TRAIN_FORMAT):
         # A damaged or hand-edited file: one line saying what is wrong, not a KeyError from deep inside.
         check_entries(obj, path)
         weights_key = "state_dict" if obj["format"] == WEIGHTS_FORMAT else "model"
@@ -188,8 +187,9 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
             len(history) if isinstance(history, list) else None)
         return LoadedNetwork(model, "fastdarts", obj.get("dataset"), epoch)
 
-    if kind_of(obj) is not None:
-        raise FastDartsError(f"{path} is {kind_of(obj)}, not trained weights")
+    kind = kind_of(obj)
+    if kind is not None:
+        raise FastDartsError(f"{path} is {kind}, not trained weights")
     if isinstance(obj, Mapping) and "format" in obj and isinstance(obj.get("format"), (str, int)):
         raise FastDartsError(f"{path} is a file of an unknown kind (format {obj['format']!r}), not trained weights")
     try:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import FastDartsError
+from .files import write_text
 from .ops import PRIMITIVES, resolve_ops
 
 Edge = tuple[str, int]
@@ -147,8 +148,6 @@ class Genotype:
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        from .files import write_text
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, self.to_json() + "\n")

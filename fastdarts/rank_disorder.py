@@ -301,10 +301,6 @@ def rank_statistics(architectures: Sequence[dict]) -> dict:
     return stats
 
 
-def _write_rank_json(path: Path, document: dict) -> None:
-    write_json(path, document)
-
-
 def _read_previous(path: Path, settings: dict) -> list[dict]:
     """The finished architectures of an earlier run of the same settings."""
     try:
@@ -461,7 +457,7 @@ def rank(config: RankConfig | None = None, *, log: Callable[[str], None] = print
 
     def save() -> dict:
         statistics = rank_statistics(architectures)
-        _write_rank_json(path, dict(format=RANK_FORMAT, settings=settings, search=search,
+        write_json(path, dict(format=RANK_FORMAT, settings=settings, search=search,
                                     architectures=architectures, statistics=statistics))
         return statistics
 

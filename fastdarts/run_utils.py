@@ -17,8 +17,6 @@ import numpy as np
 import torch
 
 from .errors import FastDartsError
-# The loops' file helpers live in files.py; re-exported for the callers that import them from here.
-from .files import atomic_write, read_torch, save_torch, write_jsonl  # noqa: F401
 
 
 def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:

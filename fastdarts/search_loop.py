@@ -41,7 +41,7 @@ from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrie
                           launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
 from .evaluate import evaluate
-from .files import check_writable, write_text
+from .files import check_writable, save_torch, write_jsonl, write_text
 from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
 from .layout import layout_string, reduction_layout
@@ -56,7 +56,7 @@ from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
 from .recompute import check_recompute
 from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_device,
-                        save_torch, seed_everything, set_lr, steps_per_epoch, write_jsonl)
+                        seed_everything, set_lr, steps_per_epoch)
 from .size_check import check_search_size
 from .supernet import SearchNetwork
 

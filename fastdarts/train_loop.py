@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import damaged, load_model_state, load_optimizer_state, read_checked
+from .checkpoints import TRAIN_FORMAT, WEIGHTS_FORMAT, damaged, load_model_state, load_optimizer_state, read_checked
 from .cuda_graph import DeviceLrSGD, GraphedStep, check_cuda_graph, hold_lr_on_device
 from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
@@ -43,12 +43,12 @@ from .distributed import (DistContext, all_reduce_sum_, barrier, broadcast_, col
                           launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
 from .eval_network import NetworkCIFAR, count_parameters
-from .evaluate import TRAIN_CHECKPOINT_FORMAT, WEIGHTS_FORMAT, autocast, evaluate
-from .files import check_writable
+from .evaluate import autocast, evaluate
+from .files import check_writable, save_torch, write_jsonl
 from .genotype import Genotype, get_genotype
 from .layout import reduction_layout
 from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_fast_options,
-                        save_torch, seed_everything, set_lr, steps_per_epoch, write_jsonl)
+                        seed_everything, set_lr, steps_per_epoch)
 from .size_check import check_train_size
 
 CHECKPOINT = "checkpoint.pt"
@@ -266,7 +266,7 @@ class _Trainer:
         return dict(self.config.result_defining(), world_size=self.dist.world_size)
 
     def _save(self, entry: dict) -> None:
-        state = dict(format=TRAIN_CHECKPOINT_FORMAT, config=self._result_defining(),
+        state = dict(format=TRAIN_FORMAT, config=self._result_defining(),
                      device_type=self.device.type, network=self.model.spec(), dataset=self.dataset_name,
                      model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), history=self.history)
         weights = self._weights(entry)
@@ -281,7 +281,7 @@ class _Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
-        state = read_checked(path, (TRAIN_CHECKPOINT_FORMAT,), "training checkpoint", self.device)
+        state = read_checked(path, (TRAIN_FORMAT,), "training checkpoint", self.device)
         ours, theirs = self._result_defining(), dict(state["config"])
         theirs.setdefault("world_size", 1)  # written before runs could span processes
         if isinstance(theirs["world_size"], bool) or not isinstance(theirs["world_size"], int):

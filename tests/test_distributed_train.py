@@ -30,7 +30,7 @@ from fastdarts.data import DeviceLoader, load_dataset
 from fastdarts.data.loader import mix_seed
 from fastdarts.errors import FastDartsError
 from fastdarts.evaluate import evaluate_checkpoint
-from fastdarts.run_utils import read_torch
+from fastdarts.files import read_torch
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1
