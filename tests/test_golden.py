@@ -11,7 +11,10 @@ resume to the uninterrupted runs' results, and the trained weights evaluate.
 
 Numbers are compared to float64 rounding (relative 1e-9, absolute 1e-12),
 not bit for bit: other machines sum in other orders (training, whose loss is
-taken in float32 by design, to 1e-5). In float64 Adam's ε
+taken in float32 by design, to 1e-5; the figures computed in float32 by
+design, to float32 rounding: the α figures the loop logs, from a float32
+copy of α, and the validation loss, taken like training's on float32
+logits; another CPU's vectorised exp and log differ in their last bit). In float64 Adam's ε
 (1e-8) dwarfs that rounding, so it cannot flip a normalised step as float32's
 can. Regenerate (only when a change of results is intended, and say so in the
 commit): ``python tests/test_golden.py``.
@@ -55,6 +58,11 @@ CASES = {
                                 epochs=3),
     "p-darts+aux-skip": dict(PDARTS, aux_skip=True, skip_dropout="0.0,0.3,0.6"),
 }
+# Figures computed in float32 by design (the α figures from a float32 copy of α, for logs and plots;
+# the validation loss on float32 logits): float32 rounding, which another CPU's vectorised exp/log
+# changes in the last bit (seen on a clean clone: the fixture's machine against an AVX2-only one).
+FLOAT32_FIGURES = ("alpha_entropy", "alphas", "betas", "val_loss")
+FLOAT32_RTOL = 1e-6
 # The figures of a metrics.jsonl line that the code computes (not its timing or its labels).
 FIGURES = ("epoch", "lr", "train_loss", "train_acc", "arch_step", "arch_loss", "val_loss", "val_acc",
            "alpha_entropy", "genotype", "alphas", "betas", "skip_connects", "alpha_rank_tau",
@@ -110,7 +118,8 @@ def assert_close(ours, theirs, where="", rtol=RTOL) -> None:
     if isinstance(theirs, dict):
         assert isinstance(ours, dict) and sorted(ours) == sorted(theirs), (where, sorted(ours), sorted(theirs))
         for key in theirs:
-            assert_close(ours[key], theirs[key], f"{where}.{key}", rtol)
+            assert_close(ours[key], theirs[key], f"{where}.{key}",
+                         max(rtol, FLOAT32_RTOL) if key in FLOAT32_FIGURES else rtol)
     elif isinstance(theirs, list):
         assert isinstance(ours, list) and len(ours) == len(theirs), (where, ours, theirs)
         for i, (a, b) in enumerate(zip(ours, theirs)):
