@@ -127,7 +127,7 @@ def skip_reason(method: str, backend: str, order: str) -> str | None:
     """Why this combination does not exist (None: it does)."""
     from fastdarts.methods import method_preset
 
-    if method_preset(method)["sample_paths"]:
+    if method_preset(method).get("sample_paths"):
         if backend == "checkpoint":
             return "path sampling has no checkpoint backend"
         if order == "second":
@@ -152,7 +152,7 @@ def build_search(backend: str, order: str, ops: str, channels: int, layers: int,
     preset = method_preset(method)
     op_names = EXTENDED_OPS[: int(ops)] if ops.isdigit() else resolve_ops(ops)
     model = SearchNetwork(C=channels, num_classes=10, layers=layers, ops=op_names, backend=backend,
-                          recompute=recompute, **{k: preset[k] for k in METHOD_NETWORK_OPTIONS}).to(device)
+                          recompute=recompute, **{k: preset.get(k) for k in METHOD_NETWORK_OPTIONS}).to(device)
     model.start_epoch(0, 0)  # seeds path sampling's draws; nothing for the other methods
     # torch's SGD with a float lr (DeviceLrSGD defers to it); --cuda-graph moves the lr to the device.
     sgd = DeviceLrSGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)

@@ -15,6 +15,8 @@ from .supernet import SearchCell, SearchNetwork
 from .eval_network import NetworkCIFAR, count_parameters, drop_path
 from .evaluate import evaluate_checkpoint, load_original_darts_state_dict, load_trained
 from .train_loop import TrainConfig, TrainResult, train
+from .method import Option, SearchMethod, register_method, register_preset
+from . import methods  # noqa: F401  (registers the methods beyond DARTS)
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,5 @@ __all__ = [
     "SearchConfig", "SearchResult", "search", "SearchCell", "SearchNetwork", "__version__",
     "NetworkCIFAR", "count_parameters", "drop_path", "evaluate_checkpoint",
     "load_original_darts_state_dict", "load_trained", "TrainConfig", "TrainResult", "train",
+    "Option", "SearchMethod", "register_method", "register_preset",
 ]

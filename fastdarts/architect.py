@@ -64,7 +64,7 @@ class Architect:
             buffers, so it always unrolls the step the weights really take.
         order: ``"first"`` or ``"second"``.
         grad_clip: clip the architecture gradient's norm to this before Adam
-            (P-DARTS' step does; None: no clipping, as DARTS).
+            (a method's preset may; None: no clipping, as DARTS).
         grad_reduce: in a multi-process run, averages a list of gradients
             over the ranks in place (``distributed.all_reduce_mean_``): the
             weights' train gradient before the virtual step, ∇w'L_val before
@@ -81,8 +81,8 @@ class Architect:
                 or groups[0].get("maximize"):
             # The virtual step below is plain SGD with momentum and weight decay on one group.
             raise ValueError("Architect unrolls one param group of plain SGD (no nesterov, dampening or maximize)")
-        if order == "second" and getattr(model, "sample_paths", 0):
-            raise ValueError("path sampling has a first-order architecture step only (order='first')")
+        if order == "second" and not getattr(model, "supports_second_order", True):
+            raise ValueError("this model's methods have a first-order architecture step only (order='first')")
         self.model = model
         self.weight_optimizer = weight_optimizer
         self.order = order
@@ -116,7 +116,7 @@ class Architect:
             if self.order == "first":
                 with frozen(self.model.weight_parameters()):
                     loss = self.model.loss(x_val, y_val)
-                    grads = _grads(loss, self.model.arch_parameters())
+                    grads = _grads(self._with_arch_terms(loss), self.model.arch_parameters())
                 self.grad_reduce(grads)
                 return grads, loss.detach()
             return self._second_order(x_train, y_train, x_val, y_val)
@@ -124,6 +124,14 @@ class Architect:
             with torch.no_grad():
                 if buffers:
                     torch._foreach_copy_(buffers, saved_buffers)  # one launch, not one per buffer
+
+    def _with_arch_terms(self, val_loss: torch.Tensor) -> torch.Tensor:
+        """The architecture step's objective: the validation loss plus the
+        methods' terms on α (``arch_loss_terms``; none in DARTS). The step
+        reports the validation loss alone."""
+        terms = getattr(self.model, "arch_loss_terms", None)
+        extra = terms() if terms is not None else None
+        return val_loss if extra is None else val_loss + extra
 
     @torch.no_grad()
     def _virtual_step(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -155,7 +163,7 @@ class Architect:
             self._virtual_step(weights, train_grads)
             del train_grads  # spent: one weight-sized copy less for the rest of the step
             val_loss = model.loss(x_val, y_val)
-            grads = _grads(val_loss, alphas + weights)
+            grads = _grads(self._with_arch_terms(val_loss), alphas + weights)
             d_alpha, v = grads[: len(alphas)], grads[len(alphas):]
             self.grad_reduce(v)  # so ε and w± are the same on every rank
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v]))
@@ -174,7 +182,7 @@ class Architect:
                 with frozen(weights):
                     return _grads(model.loss(x_train, y_train), alphas)
 
-            # w⁺ and w⁻ must see the same random draws (P-DARTS' skip dropout), or the
+            # w⁺ and w⁻ must see the same random draws (a method's edge term), or the
             # difference measures the masks: the w⁺ pass runs on a fork of the generators.
             # Forked only when there are draws (a fork reads and restores the generator
             # state, which a CUDA graph capture cannot).

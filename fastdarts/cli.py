@@ -21,10 +21,12 @@ from . import distributed
 from .errors import FastDartsError
 from .files import WriteError
 from .genotype import GENOTYPES, get_genotype
-from .methods import METHOD_PRESETS
+from .method import PRESETS, Option, method_options
+from . import methods  # noqa: F401  (registers the methods beyond DARTS, whose flags follow)
 from .mixed_op import MIXED_OP_BACKENDS
 from .recompute import RECOMPUTE_MODES
-from .search_loop import DEFAULT_LAYERS, SearchConfig, search
+from .search_config import DEFAULT_LAYERS, SearchConfig
+from .search_loop import search
 from .train_loop import TrainConfig, train
 
 
@@ -64,8 +66,29 @@ def _non_negative_int(text: str) -> int:
 
 def _by_method(field: str) -> str:
     """Help text for a flag whose default is the method's preset."""
-    values = ", ".join(f"{name}: {preset[field]}" for name, preset in METHOD_PRESETS.items())
+    off = method_options()[field].off if field in method_options() else None
+    values = ", ".join(f"{name}: {preset.get(field, off)}" for name, preset in PRESETS.items())
     return f"(default: the method's; {values})"
+
+
+_KINDS: dict[str, dict[str, Any]] = {
+    "positive_int": dict(type=_positive_int),
+    "non_negative_int": dict(type=_non_negative_int),
+    "flag": dict(action="store_true"),
+    "bool": dict(action=argparse.BooleanOptionalAction),
+    "text": {},
+    "list": dict(action="append"),
+}
+
+
+def _add_option(group, option: Option) -> None:
+    """A method's option as a flag (``--name-with-dashes``); unset (None) unless given."""
+    if option.kind not in _KINDS:
+        raise FastDartsError(f"option {option.name!r}: unknown kind {option.kind!r}; known: {', '.join(_KINDS)}")
+    named = any(option.name in preset for preset in PRESETS.values())
+    group.add_argument("--" + option.name.replace("_", "-"), default=None, **_KINDS[option.kind],
+                       **({"metavar": option.metavar} if option.metavar and option.kind not in ("flag", "bool") else {}),
+                       help=option.help + (" " + _by_method(option.name) if named else ""))
 
 
 def search_parser() -> argparse.ArgumentParser:
@@ -77,7 +100,7 @@ def search_parser() -> argparse.ArgumentParser:
                     "al., 2019). Defaults are each method's published CIFAR-10 search; a flag given explicitly wins "
                     "over the method's value.",
         formatter_class=_Help)
-    p.add_argument("--method", default=d.method, choices=list(METHOD_PRESETS),
+    p.add_argument("--method", default=d.method, choices=list(PRESETS),
                    help="search method; sets the flags marked 'the method's'")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=d.dataset, choices=["cifar10", "digits"],
@@ -95,32 +118,10 @@ def search_parser() -> argparse.ArgumentParser:
     space.add_argument("--multiplier", type=_positive_int, default=d.multiplier,
                        help="intermediate nodes concatenated by the cell output")
     method = p.add_argument_group("method options (each on its own too)")
-    method.add_argument("--partial-channels", type=_positive_int, default=None, metavar="K",
-                        help="PC-DARTS: the ops of an edge see 1/K of its channels " + _by_method("partial_channels"))
-    method.add_argument("--edge-norm", action=argparse.BooleanOptionalAction, default=None,
-                        help="PC-DARTS' edge normalisation (a weight β per edge) " + _by_method("edge_norm"))
-    method.add_argument("--sample-paths", type=_positive_int, default=None, metavar="N",
-                        help="ProxylessNAS: the weight step computes one sampled op per edge, the architecture "
-                             "step N (1..ops-1; first order only) " + _by_method("sample_paths"))
     method.add_argument("--arch-warmup-epochs", type=_non_negative_int, default=None, metavar="E",
                         help="no architecture step in the first E epochs " + _by_method("arch_warmup_epochs"))
-    method.add_argument("--aux-skip", action="store_true",
-                        help="DARTS-: every mixed op adds an auxiliary skip connection weighted 1 - t/E in epoch t "
-                             "of E (FactorizedReduce on stride-2 edges)")
-    method.add_argument("--early-stop", action="append", default=None, metavar="CRITERION",
-                        help="DARTS+: skip:M stops after the first epoch whose normal cell holds M skip connections; "
-                             "stable:E once the parametric ops' ranking on every edge held for E epochs. May be "
-                             "given twice or as skip:2,stable:10; the stopping epoch's genotype is the result")
-    method.add_argument("--stages", default=None, metavar="CELLS:OPS,...",
-                        help="P-DARTS: stages of a progressive search, each a new supernet of CELLS cells whose "
-                             "edges hold OPS ops (the first stage all; between stages every edge keeps its strongest); "
-                             "--epochs is per stage. 20:8 grows the depth without pruning " + _by_method("stages"))
-    method.add_argument("--skip-dropout", default=None, metavar="P,...",
-                        help="P-DARTS: initial dropout rate after skip_connect in each stage, decayed within the "
-                             "stage " + _by_method("skip_dropout"))
-    method.add_argument("--max-skip", type=_non_negative_int, default=None, metavar="M",
-                        help="P-DARTS: the final normal cell keeps at most M skip connections "
-                             + _by_method("max_skip"))
+    for option in method_options().values():  # every registered method's flags
+        _add_option(method, option)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=_positive_int, default=None, help=_by_method("batch_size"))
     opt.add_argument("--epochs", "--stage-epochs", type=_positive_int, default=None,
@@ -393,7 +394,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
                     "fastdarts-eval (see the README).",
         formatter_class=_Help)
     p.add_argument("--out", default="runs/pipeline", help="output directory (search/ and train/ inside)")
-    p.add_argument("--method", default="darts", choices=list(METHOD_PRESETS),
+    p.add_argument("--method", default="darts", choices=list(PRESETS),
                    help="search method (its preset, with this demo's data, network size and batch)")
     p.add_argument("--search-epochs", type=_positive_int, default=6, help="(p-darts: split over its 3 stages)")
     p.add_argument("--order", choices=["first", "second"], default="first", help="architecture gradient")

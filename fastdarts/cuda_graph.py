@@ -19,20 +19,18 @@ must therefore live in device tensors updated in place:
 - BatchNorm counters and running statistics, momentum buffers, Adam moments:
   all updated in place already.
 
-What changes per epoch (drop-path and skip-dropout rates, warm-up epochs
-without an architecture step, a P-DARTS stage's new supernet) is handled by
+What changes per epoch (drop-path rates and a method's per-epoch settings,
+warm-up epochs without an architecture step, a stage's new supernet) is handled by
 capturing a new graph for every epoch: ``GraphedStep`` lives for one epoch.
 Random draws inside the step come from the default CUDA generator (graph-safe
 in torch) or from generators registered with the graph (the training loop's
 drop-path generator). A short last batch (other shapes) runs eagerly: the
 eager step updates the same tensors the graph does.
 
-Combinations that cannot be captured are refused by ``check_cuda_graph``:
-not on CUDA; path sampling (paths are drawn on the host, one graph per path
-set); the second-order step with P-DARTS' skip dropout (w⁺ and w⁻ replay the
-same masks by restoring the generator state, which a capture cannot); the
-cell recompute with skip dropout (same reason); torchrun (collectives inside a
-captured graph are untested here).
+What cannot be captured is refused: by ``check_cuda_graph``, a device that
+is not CUDA and torchrun (collectives inside a captured graph are untested
+here); by each method, what it cannot capture (e.g. paths drawn on the
+host, or a generator state restored inside the step).
 """
 from __future__ import annotations
 
@@ -48,9 +46,9 @@ from .errors import FastDartsError
 WARMUP_STEPS = 3
 
 
-def check_cuda_graph(device: torch.device, *, distributed: bool = False, sample_paths: int = 0,
-                     second_order: bool = False, skip_dropout: bool = False, cell_recompute: bool = False) -> None:
-    """Refuse, with the reason, what ``--cuda-graph`` cannot capture."""
+def check_cuda_graph(device: torch.device, *, distributed: bool = False) -> None:
+    """Refuse, with the reason, what ``--cuda-graph`` cannot capture here (a
+    method refuses what it cannot capture itself: ``SearchMethod.incompatible``)."""
     if device.type != "cuda":
         raise FastDartsError(f"--cuda-graph needs a CUDA device, got {device}; run without --cuda-graph")
     if not hasattr(torch.cuda, "CUDAGraph"):
@@ -58,16 +56,6 @@ def check_cuda_graph(device: torch.device, *, distributed: bool = False, sample_
     if distributed:
         raise FastDartsError("--cuda-graph does not run under torchrun yet (collectives inside a captured graph "
                              "are untested); run without --cuda-graph")
-    if sample_paths:
-        raise FastDartsError("--cuda-graph cannot capture path sampling: its paths are drawn on the host "
-                             "every step; run without --cuda-graph")
-    if skip_dropout and second_order:
-        raise FastDartsError("--cuda-graph cannot capture the second-order step with skip dropout: w+ and w- "
-                             "must see the same masks, which needs the generator state restored inside the "
-                             "step; use --order first (P-DARTS' own) or run without --cuda-graph")
-    if skip_dropout and cell_recompute:
-        raise FastDartsError("--cuda-graph cannot capture --recompute cell with skip dropout: the recompute "
-                             "restores the generator state to redraw the masks; use --recompute edge")
 
 
 # -- learning rate and optimisers on the device -------------------------------------------

@@ -52,6 +52,7 @@ from .errors import FastDartsError
 from .kernels.backend import KernelOps, kernel_ops
 from .kernels import meta_kernels  # noqa: F401  (Meta kernels: steps run on the meta device)
 from .kernels.bn_accumulate import accumulator_dtype
+from .mixed_op_reference import mixed_op_reference
 from .ops import DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv, Zero
 
 # torch.autograd.grad takes a GradientEdge as its output from torch 2.5 on.
@@ -601,13 +602,7 @@ def mixed_op_fused(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor,
     cands = _candidates(mixed, mixed.ops)
     if paths is not None:
         cands = _path_candidates(mixed, cands, paths)
-    return _fused(cands, mixed.stride, x, weights, lambda: _reference(mixed, x, weights, paths))
-
-
-def _reference(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor, paths) -> torch.Tensor:
-    from .mixed_op import mixed_op_reference  # mixed_op imports this module
-
-    return mixed_op_reference(mixed, x, weights, paths)
+    return _fused(cands, mixed.stride, x, weights, lambda: mixed_op_reference(mixed, x, weights, paths))
 
 
 _ONE: dict[torch.device, torch.Tensor] = {}  # the weight of a one-op "edge", per device

@@ -13,11 +13,12 @@ import json
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .edge_ops import check_edge_ops
 from .errors import FastDartsError
 from .files import write_text
 from .ops import PRIMITIVES, resolve_ops
@@ -224,8 +225,8 @@ def select_edges(weights: Sequence[Sequence[float]], op_names: Sequence[str] | S
     strongest non-`none` weight is largest (stable: ties keep the earlier
     edge), strongest first, each with its strongest non-`none` op (ties: the
     earlier op). `none` only rescales a node, so it never decides.
-    ``op_names``: the op of each column, or one such list per edge (P-DARTS'
-    stages, where edges hold different ops)."""
+    ``op_names``: the op of each column, or one such list per edge (when
+    edges hold different ops)."""
     per_edge = [op_names] * len(weights) if op_names and isinstance(op_names[0], str) else list(op_names)
     gene: list[Edge] = []
     start = 0
@@ -247,7 +248,7 @@ def select_edges(weights: Sequence[Sequence[float]], op_names: Sequence[str] | S
     return tuple(gene)
 
 
-def _checked_tensor(value: Any, field: str, expected: tuple[int, ...], meaning: str) -> torch.Tensor:
+def checked_tensor(value: Any, field: str, expected: tuple[int, ...], meaning: str) -> torch.Tensor:
     """``value`` (a tensor or numeric array) as a finite CPU tensor of ``expected``
     shape, in its own precision (at least float32) like the original code."""
     if isinstance(value, torch.Tensor):
@@ -267,54 +268,40 @@ def _checked_tensor(value: Any, field: str, expected: tuple[int, ...], meaning: 
 
 def _weights(alpha: Any, field: str, expected: tuple[int, int], steps: int) -> torch.Tensor:
     """softmax(α) per edge, in α's precision."""
-    t = _checked_tensor(alpha, field, expected, f"{expected[0]} edges for steps={steps}, {expected[1]} ops")
+    t = checked_tensor(alpha, field, expected, f"{expected[0]} edges for steps={steps}, {expected[1]} ops")
     return torch.softmax(t, dim=-1)
 
 
-def _edge_weights(beta: Any, field: str, steps: int) -> torch.Tensor:
-    """softmax(β) over each node's incoming edges (PC-DARTS' edge normalisation)."""
-    from .methods.edge_norm import edge_weights
-
-    t = _checked_tensor(beta, field, (num_edges(steps),), f"one weight per edge for steps={steps}")
-    return edge_weights(t, steps)
+# strengths(cell, softmax α) -> what ranks the ops; select(cell, weights, edge ops, steps) -> a cell or None.
+Strengths = Callable[[str, torch.Tensor], torch.Tensor]
+CellSelector = Callable[[str, list, Sequence[Sequence[str]], int], "tuple[Edge, ...] | None"]
 
 
 def derive_genotype(alpha_normal: torch.Tensor | np.ndarray, alpha_reduce: torch.Tensor | np.ndarray,
-                    op_names: Sequence[str], steps: int = 4, multiplier: int = 4,
-                    beta_normal: torch.Tensor | np.ndarray | None = None,
-                    beta_reduce: torch.Tensor | np.ndarray | None = None,
+                    op_names: Sequence[str], steps: int = 4, multiplier: int = 4, *,
                     edge_ops: dict[str, Sequence[Sequence[str]]] | None = None,
-                    max_skip: int | None = None) -> Genotype:
-    """The discrete cells the architecture weights α point to (SPEC §3). With
-    PC-DARTS' β (both or neither), op o on edge (i, j) is ranked by
-    softmax(α_ij)_o · softmax(β_{·j})_i, as its original code. ``edge_ops``
-    (P-DARTS' stages): the ops each edge holds, α's columns in their order.
-    ``max_skip``: the normal cell keeps at most that many skip connections
-    (P-DARTS' procedure, ``methods.progressive.limit_skip_connects``)."""
-    from .methods.progressive import check_edge_ops, limit_skip_connects
-
+                    strengths: Strengths | None = None, select_cell: CellSelector | None = None) -> Genotype:
+    """The discrete cells the architecture weights α point to (SPEC §3).
+    ``edge_ops``: the ops each edge holds (α's columns in their order; None:
+    every op). A method may change what ranks an op (``strengths``, from
+    softmax(α) per cell type, e.g. weighted per edge) and how a cell is
+    chosen from those strengths (``select_cell``, e.g. under a limit; None
+    from it: the DARTS choice, ``select_edges``)."""
     op_names = resolve_ops(op_names)
     if not _is_int(steps) or steps < 1:
         raise FastDartsError(f"steps must be a positive integer, got {steps!r}")
     if not _is_int(multiplier) or not 1 <= multiplier <= steps:
         raise FastDartsError(f"multiplier must be in 1..steps={steps}, got {multiplier!r}")
-    if (beta_normal is None) != (beta_reduce is None):
-        raise FastDartsError("give both beta_normal and beta_reduce, or neither")
-    if max_skip is not None and (not _is_int(max_skip) or max_skip < 0):
-        raise FastDartsError(f"max-skip must be a non-negative integer, got {max_skip!r}")
     edge_ops = check_edge_ops(edge_ops, op_names, num_edges(steps))
     concat = tuple(range(2 + steps - multiplier, steps + 2))
     cells = []
-    for cell, alpha, beta in (("normal", alpha_normal, beta_normal), ("reduce", alpha_reduce, beta_reduce)):
+    for cell, alpha in (("normal", alpha_normal), ("reduce", alpha_reduce)):
         expected = (num_edges(steps), len(edge_ops[cell][0]))
         weights = _weights(alpha, f"alpha_{cell}", expected, steps)
-        if beta is not None:
-            # Multiplied in α's precision, as the original's float32 numpy arrays (its ties are ours).
-            weights = weights * _edge_weights(beta, f"beta_{cell}", steps).to(weights.dtype)[:, None]
-        if cell == "normal" and max_skip is not None:
-            cells.append(limit_skip_connects(weights.tolist(), edge_ops[cell], steps, max_skip))
-        else:
-            cells.append(select_edges(weights.tolist(), edge_ops[cell], steps))
+        if strengths is not None:
+            weights = strengths(cell, weights)
+        gene = None if select_cell is None else select_cell(cell, weights.tolist(), edge_ops[cell], steps)
+        cells.append(gene if gene is not None else select_edges(weights.tolist(), edge_ops[cell], steps))
     return Genotype(normal=cells[0], normal_concat=concat, reduce=cells[1], reduce_concat=concat)
 
 

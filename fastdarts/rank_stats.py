@@ -2,7 +2,8 @@
 concordant nor discordant), sparse Kendall τ (Yu et al., ICLR 2020: the
 stand-alone accuracies binned first) and Spearman ρ (Pearson on average ranks).
 Written out here, small and exact, rather than borrowed: they define figures
-the README reports."""
+the README reports. Also the per-epoch measures of how a search's α ranking
+moves (``rank_measures``, ``skip_connects``), which every search records."""
 from __future__ import annotations
 
 import math
@@ -69,3 +70,36 @@ def sparse_kendall_tau(scores: Sequence[float], accuracies: Sequence[float], bin
     architectures closer than the noise of training count as ties."""
     binned = [math.floor(acc / bin_width + 1e-9) for acc in accuracies]
     return kendall_tau(scores, binned)
+
+
+# -- how the α ranking moves from epoch to epoch (every search records these) --------------
+def is_parametric(op: str) -> bool:
+    return op.startswith(("sep_conv", "dil_conv", "conv_"))
+
+
+def _ranking(row: Sequence[float], ops: Sequence[int]) -> tuple[int, ...]:
+    """The ops, strongest first (ties: earlier op first)."""
+    return tuple(sorted(ops, key=lambda k: (-row[k], k)))
+
+
+def rank_measures(previous: dict[str, list[list[float]]], current: dict[str, list[list[float]]],
+                  op_names: Sequence[str] | dict[str, Sequence[Sequence[str]]], unchanged_before: int) -> dict:
+    """``alpha_rank_tau`` and ``rank_unchanged_epochs`` of an epoch, from the
+    op weights (softmax α, per cell type) before and after it. ``op_names``:
+    the ops of α's columns, or per cell type one list per edge."""
+    taus, same = [], True
+    for cell in ("normal", "reduce"):
+        rows = current[cell]
+        names = [op_names] * len(rows) if not isinstance(op_names, dict) else op_names[cell]
+        for before, after, ops in zip(previous[cell], rows, names):
+            parametric = [k for k, op in enumerate(ops) if is_parametric(op)]
+            tau = kendall_tau(before, after)
+            taus.append(1.0 if math.isnan(tau) else tau)  # a constant row: nothing moved
+            if _ranking(before, parametric) != _ranking(after, parametric):
+                same = False
+    return dict(alpha_rank_tau=sum(taus) / len(taus), rank_unchanged_epochs=unchanged_before + 1 if same else 0)
+
+
+def skip_connects(genotype) -> int:
+    """Skip connections of the normal cell (the collapse DARTS drifts into)."""
+    return sum(op == "skip_connect" for op, _ in genotype.normal)

@@ -14,7 +14,7 @@
   running statistics (the forward moved them), and runs from the parameter
   tensors the forward used, passed as arguments, not read from the modules
   again (a ``functional_call`` or a reload may have swapped them by then),
-  and with the forward's random state (P-DARTS' skip dropout).
+  and with the forward's random state (a method's edge term that draws).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from .errors import FastDartsError
-from .mixed_op import running_stats_frozen_context
+from .mixed_op_reference import running_stats_frozen_context
 
 RECOMPUTE_MODES = ("edge", "cell")
 
@@ -48,9 +48,9 @@ def recompute_module(module: nn.Module, *inputs, **options) -> torch.Tensor:
     return checkpoint(
         _module_with_params, module, list(names), inputs, options, *params,
         use_reentrant=False,
-        # Random numbers are drawn only by P-DARTS' skip dropout: the recompute
-        # must then draw the forward's masks.
-        preserve_rng_state=module.training and any(getattr(m, "skip_dropout", None) is not None
+        # Random numbers are drawn only by an edge term (a method's): the
+        # recompute must then draw the forward's masks.
+        preserve_rng_state=module.training and any(getattr(m, "draws_random_numbers", False) is True
                                                    for m in module.modules()),
         context_fn=lambda: running_stats_frozen_context(module),
     )
@@ -59,6 +59,6 @@ def recompute_module(module: nn.Module, *inputs, **options) -> torch.Tensor:
 def recompute_cell(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, *arguments,
                    s0_preprocessed: bool = False) -> torch.Tensor:
     """``cell(s0, s1, *arguments)`` that keeps only its inputs for backward
-    (``arguments``: the op weights, edge scales and paths of the cell;
+    (``arguments``: the op weights, edge scales, paths and extras of the cell;
     ``s0_preprocessed``: s0 is the output of ``cell.preprocess_ahead``)."""
     return recompute_module(cell, s0, s1, *arguments, s0_preprocessed=s0_preprocessed)

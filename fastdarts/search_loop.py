@@ -27,7 +27,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,191 +39,26 @@ from .data import DeviceLoader, load_dataset
 from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrier, broadcast_, collective_failures,
                           launch, main_rank_first, per_rank_batch)
+from .edge_ops import full_edge_ops
 from .errors import FastDartsError
 from .evaluate import evaluate
 from .files import check_writable, save_torch, write_jsonl, write_text
 from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
-from .layout import layout_string, reduction_layout
-from .methods import method_preset
-from .methods.aux_skip import aux_skip_weight
-from .methods.partial_channels import check_partial_channels
-from .methods.early_stop import canonical, parse_early_stop, rank_measures, skip_connects, stop_reason
-from .methods.path_sampling import check_sample_paths
-from .methods.progressive import (drop_ops, full_edge_ops, parse_rates, parse_stages, skip_dropout_rate,
-                                  stages_string)
-from .mixed_op import DEFAULT_BACKEND, check_backend
-from .ops import resolve_ops
-from .recompute import check_recompute
-from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_device,
-                        seed_everything, set_lr, steps_per_epoch)
+from .method import method_options
+from .mixed_op import DEFAULT_BACKEND
+from .rank_stats import rank_measures, skip_connects
+from .run_utils import (EpochProgress, check_finite_epoch, cosine_lr, resolve_device, seed_everything, set_lr,
+                        steps_per_epoch)
+from .search_config import CORE_FIELDS, SearchConfig, legacy_fields
 from .size_check import check_search_size
-from .supernet import SearchNetwork
+from .supernet import SearchNetwork, build_supernet  # noqa: F401  (re-exported)
+from .visualize import plot_alpha_history, plot_genotype
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = SEARCH_FORMAT
-DEFAULT_LAYERS = 8  # the paper's search network
 # Pass numbers of mix_seed for the draws that are not the loader's (whose passes are 0, 1, ...).
-_STAGE_PASS, _DROPOUT_PASS = 1 << 21, 1 << 22
-
-
-@dataclass
-class SearchConfig:
-    """Everything a search run depends on. Fields left ``None`` take the
-    ``method``'s published value (``methods.METHOD_PRESETS``; DARTS: the
-    paper's); a value given explicitly wins over the preset."""
-    method: str = "darts"              # darts, pc-darts, proxyless or p-darts
-    dataset: str = "cifar10"
-    data: str = "./data"
-    download: bool = False
-    ops: str | Sequence[str] = "darts"
-    layers: int | None = None          # cells (None: DEFAULT_LAYERS); reductions at layers//3 and 2*layers//3
-    layout: str | None = None          # e.g. "N,R,N"; replaces `layers`
-    channels: int = 16
-    steps: int = 4
-    multiplier: int = 4
-    batch_size: int | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    lr_min: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    arch_lr: float | None = None
-    arch_weight_decay: float | None = None
-    arch_beta1: float | None = None    # Adam's β1 on α (β2 is 0.999)
-    arch_grad_clip: float | None = None  # clip ‖∇α‖ before Adam (P-DARTS: 5); None: no clipping
-    order: str | None = None
-    partial_channels: int | None = None   # PC-DARTS' K (1: all channels)
-    edge_norm: bool | None = None         # PC-DARTS' edge normalisation (β)
-    sample_paths: int | None = None       # ProxylessNAS' paths per edge in the architecture step (0: off)
-    arch_warmup_epochs: int | None = None  # epochs without an architecture step at the start
-    aux_skip: bool = False             # DARTS-' auxiliary skip, weight 1 − t/E in epoch t
-    early_stop: str | Sequence[str] | None = None  # DARTS+ criteria: "skip:2", "stable:10" or both
-    stages: str | None = None          # P-DARTS: "5:8,11:5,17:3" (cells:ops per edge); `epochs` is per stage
-    skip_dropout: str | Sequence[float] | None = None  # P-DARTS: initial dropout rate after skip_connect per stage
-    max_skip: int | None = None        # P-DARTS: skip connections the final normal cell may keep
-    train_portion: float = 0.5
-    backend: str = DEFAULT_BACKEND
-    recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
-    cuda_graph: bool = False           # capture each epoch's step once, replay it (cuda_graph.py)
-    device: str = "auto"
-    seed: int = 2
-    out: str = "runs/search"
-    resume: bool = False
-    max_steps: int | None = None       # cap on steps per epoch, for smoke tests
-    progress: bool = True
-
-    # Fields that do not change what a run computes: a resumed run may differ in
-    # these (the device only within its type: see _load_checkpoint).
-    RUNTIME_ONLY = ("data", "download", "backend", "recompute", "cuda_graph", "device", "out", "resume",
-                    "progress")
-
-    def checked(self) -> "SearchConfig":
-        """A validated copy in canonical form (method preset applied, ops
-        resolved, layout spelled out), so that bad input fails before any data
-        is touched and two spellings of one configuration compare equal on resume."""
-        preset = method_preset(self.method)
-        rates_from_preset = self.skip_dropout is None and preset.get("skip_dropout") is not None
-        self = dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
-        check_finite_settings(self)
-        positive = dict(channels=self.channels, batch_size=self.batch_size, epochs=self.epochs,
-                        steps=self.steps, multiplier=self.multiplier, partial_channels=self.partial_channels)
-        if self.max_steps is not None:
-            positive["max_steps"] = self.max_steps
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise FastDartsError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.multiplier > self.steps:
-            raise FastDartsError(f"multiplier ({self.multiplier}) cannot exceed steps ({self.steps})")
-        if self.order not in ("first", "second"):
-            raise FastDartsError(f"order must be 'first' or 'second', got {self.order!r}")
-        for name in ("lr", "arch_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise FastDartsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
-        if self.arch_grad_clip is not None and not self.arch_grad_clip > 0:
-            raise FastDartsError(f"arch-grad-clip must be positive, got {self.arch_grad_clip!r}")
-        if not 0 <= self.arch_beta1 < 1:
-            raise FastDartsError(f"arch-beta1 must be in [0, 1), got {self.arch_beta1!r}")
-        for name in ("lr_min", "momentum", "weight_decay", "arch_weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise FastDartsError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)!r}")
-        w = self.arch_warmup_epochs
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise FastDartsError(f"arch-warmup-epochs must be a non-negative integer, got {w!r}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
-        check_backend(self.backend)
-        check_recompute(self.recompute)
-        ops = resolve_ops(self.ops)
-        if all(op == "none" for op in ops):
-            # Refused now, not after an epoch when the first derivation fails.
-            raise FastDartsError("the op list has only 'none'; a cell needs at least one other op")
-        check_partial_channels(self.partial_channels, self.channels)
-        check_sample_paths(self.sample_paths, len(ops))
-        if self.sample_paths and self.order == "second":
-            raise FastDartsError("path sampling (sample-paths) has a first-order architecture step only; "
-                                 "use --order first")
-        if self.sample_paths and self.backend == "checkpoint":
-            raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or "
-                                 "reference")
-        early_stop = canonical(parse_early_stop(self.early_stop))
-        if self.max_skip is not None and (isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int)
-                                          or self.max_skip < 0):
-            raise FastDartsError(f"max-skip must be a non-negative integer, got {self.max_skip!r}")
-        if self.stages is None:
-            if self.skip_dropout is not None:
-                raise FastDartsError("skip-dropout gives one rate per stage; it needs --stages")
-            layers = None if self.layout is not None else (DEFAULT_LAYERS if self.layers is None else self.layers)
-            layout = layout_string(reduction_layout(layers, self.layout))
-            return dataclasses.replace(self, ops=",".join(ops), layout=layout, layers=None,
-                                       edge_norm=bool(self.edge_norm), aux_skip=bool(self.aux_skip),
-                                       early_stop=early_stop)
-        for name in ("layout", "layers"):
-            if getattr(self, name) is not None:
-                raise FastDartsError(f"--stages sets each stage's cells; drop --{name} (or give the stages' cells)")
-        stages = parse_stages(self.stages, len(ops))
-        if self.sample_paths and self.sample_paths >= stages[-1].ops:
-            raise FastDartsError(f"sample-paths {self.sample_paths} needs more ops per edge than the last stage's "
-                                 f"{stages[-1].ops}")
-        if rates_from_preset and len(self.skip_dropout.split(",")) != len(stages):
-            raise FastDartsError(f"the {self.method} preset's skip-dropout {self.skip_dropout} has one rate for each "
-                                 f"of its stages; for --stages {self.stages} give --skip-dropout with "
-                                 f"{len(stages)} rate(s)")
-        rates = parse_rates(self.skip_dropout, len(stages))
-        if len(stages) > 1 and self.arch_warmup_epochs >= self.epochs:
-            raise FastDartsError(f"arch-warmup-epochs {self.arch_warmup_epochs} covers every one of the {self.epochs} "
-                                 f"epochs of a stage: α would never be trained before the ops are pruned by it; "
-                                 f"give more --epochs or fewer --arch-warmup-epochs")
-        return dataclasses.replace(self, ops=",".join(ops), layout=None, layers=None, edge_norm=bool(self.edge_norm),
-                                   aux_skip=bool(self.aux_skip), early_stop=early_stop,
-                                   stages=stages_string(stages), skip_dropout=",".join(map(str, rates)))
-
-    def stage_layouts(self) -> list[tuple[str, int]]:
-        """(cell layout, ops per edge) of each stage (of a ``checked()`` config;
-        one stage without --stages)."""
-        if self.stages is None:
-            return [(self.layout, len(self.ops.split(",")))]
-        return [(layout_string(reduction_layout(st.cells)), st.ops)
-                for st in parse_stages(self.stages, len(self.ops.split(",")))]
-
-    def result_defining(self) -> dict:
-        """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
-        d = dataclasses.asdict(self)
-        for key in self.RUNTIME_ONLY:
-            d.pop(key)
-        return d
-
-    def summary(self) -> str:
-        """The effective configuration, one line (printed at the start of a run)."""
-        d = self.result_defining()
-        return ", ".join(f"{k}={v}" for k, v in d.items() if v is not None)
-
-
-# What a checkpoint written before the methods existed ran: DARTS.
-_LEGACY_FIELDS = dict(method="darts", partial_channels=1, edge_norm=False, sample_paths=0, arch_warmup_epochs=0,
-                      aux_skip=False, early_stop=None, stages=None, skip_dropout=None, max_skip=None,
-                      arch_beta1=0.5, arch_grad_clip=None)
+STAGE_PASS = 1 << 21
 
 
 @dataclass
@@ -235,7 +70,7 @@ class SearchResult:
 
     @property
     def stopped(self) -> str | None:
-        """Why the search stopped early (DARTS+ criteria), or None."""
+        """Why the search stopped early (a method's criteria), or None."""
         return self.history[-1].get("stopped") if self.history else None
 
 
@@ -245,15 +80,6 @@ def genotype_line(genotype: Genotype) -> str:
         pairs = [f"{op}({i})" for op, i in edges]
         return " | ".join(" ".join(pairs[k:k + 2]) for k in range(0, len(pairs), 2))
     return f"normal: {cell(genotype.normal)}  reduce: {cell(genotype.reduce)}"
-
-
-def beta_line(betas: dict[str, list[float]], steps: int) -> str:
-    """softmax(β) per node for the per-epoch log: nodes split by '|'."""
-    from .methods.edge_norm import node_segments
-
-    def cell(w):
-        return " | ".join(" ".join(f"{v:.3f}" for v in w[start:start + n]) for start, n in node_segments(steps))
-    return f"edge weights (softmax β) normal: {cell(betas['normal'])}  reduce: {cell(betas['reduce'])}"
 
 
 def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: torch.optim.Optimizer,
@@ -277,19 +103,6 @@ def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: to
     return logits.detach(), loss.detach(), arch_loss
 
 
-def build_supernet(config: SearchConfig, dataset, device: torch.device | str, layout: str | None = None,
-                   edge_ops: dict | None = None) -> SearchNetwork:
-    """The supernet a (``checked()``) configuration searches on ``dataset``;
-    ``layout`` and ``edge_ops``: a P-DARTS stage's cells and the ops its edges hold."""
-    return SearchNetwork(
-        C=config.channels, num_classes=dataset.num_classes,
-        layers=None, layout=layout or config.layout, ops=config.ops.split(","),
-        steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
-        backend=config.backend, recompute=config.recompute, partial_channels=config.partial_channels,
-        edge_norm=config.edge_norm, sample_paths=config.sample_paths, aux_skip=config.aux_skip,
-        edge_ops=edge_ops).to(device)
-
-
 def _read_checkpoint(path: Path, device, what: str = "search checkpoint") -> dict:
     """A search checkpoint's contents, checked entry by entry (``checkpoints``);
     a missing, truncated, foreign or damaged file is one line naming it."""
@@ -298,13 +111,13 @@ def _read_checkpoint(path: Path, device, what: str = "search checkpoint") -> dic
 
 def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu", backend: str | None = None):
     """A search run's configuration, data set and supernet (its last
-    checkpoint: weights, α and, for P-DARTS, the last stage's edges) ->
+    checkpoint: weights, α and, for a staged run, the last stage's edges) ->
     ``(config, dataset, model)``. ``backend`` (default the run's) may differ:
     every backend computes the same function."""
     path = Path(run_dir) / CHECKPOINT
     state = _read_checkpoint(path, "cpu")
-    fields = {**_LEGACY_FIELDS, **state["config"]}
-    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    fields = {**legacy_fields(), **state["config"]}
+    known = CORE_FIELDS | set(method_options())
     config = SearchConfig(**{k: v for k, v in fields.items() if k in known}, data=data, device=device,
                           backend=backend or state.get("backend", DEFAULT_BACKEND), out=str(run_dir))
     try:
@@ -323,10 +136,15 @@ def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu
     return config, dataset, model
 
 
-class _Searcher:
-    """The state of one search run; ``search()`` drives it. A P-DARTS run
-    (``--stages``) is a sequence of stages, each a new supernet with its own
-    optimisers; the checkpoint holds the current stage's."""
+class SearchRun:
+    """The state of one search run; ``search()`` drives it, and each method's
+    loop hooks receive it (``method.SearchMethod``). What a hook may read:
+    ``config``, ``methods``, ``model`` (the current supernet), ``architect``,
+    ``stage``/``stages``/``staged``/``edge_ops``, ``history`` (the finished
+    epochs' metrics), ``initial_alphas``, ``dist`` (``rank``, ``world_size``),
+    ``device``, ``out`` and ``log``. A run whose method plans stages is a
+    sequence of stages, each a new supernet with its own optimisers; the
+    checkpoint holds the current stage's."""
 
     def __init__(self, config: SearchConfig, log: Callable[[str], None], dist: DistContext):
         config = config.checked()
@@ -344,13 +162,13 @@ class _Searcher:
         if config.resume and not self.checkpoint_path.exists():
             raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
 
+        self.methods = config.methods()
         self.stages = config.stage_layouts()
-        self.staged = config.stages is not None
-        self.dropout_rates = parse_rates(config.skip_dropout, len(self.stages)) if self.staged else (0.0,)
-        if config.cuda_graph:
-            check_cuda_graph(self.device, distributed=dist.distributed, sample_paths=config.sample_paths,
-                             second_order=config.order == "second", skip_dropout=any(self.dropout_rates),
-                             cell_recompute=config.recompute == "cell")
+        self.staged = config.stage_plan() is not None
+        # The method that plans the stages chooses each next stage's edges.
+        self.planner = next((m for m in self.methods if type(m).stage_plan(config) is not None), None)
+        if config.cuda_graph:  # what the methods cannot capture was refused by config.checked()
+            check_cuda_graph(self.device, distributed=dist.distributed)
         seed_everything(config.seed)
         # A download goes into one folder: rank 0 fetches it while the others wait.
         with main_rank_first(dist) if config.download else contextlib.nullcontext():
@@ -376,7 +194,6 @@ class _Searcher:
                                         **augment, **loader)
         self.eval_loader = DeviceLoader(val_set, config.batch_size, shuffle=False, **loader)
 
-        self.criteria = parse_early_stop(config.early_stop)
         # Stage 1 right after seeding, as an unstaged run builds its one supernet.
         self._build_stage(0, full_edge_ops(config.ops.split(","), num_edges(config.steps)), reseed=False)
         # Chosen (and the compiled kernels tried) now, so a fallback shows before the first step.
@@ -384,9 +201,8 @@ class _Searcher:
         self.log(f"method: {config.method} ({config.summary()})")
         if dist.distributed:
             self.log(f"{dist.world_size} ranks, {per_rank} images each per batch of {config.batch_size}")
-        if config.sample_paths == 1:
-            self.log("note: with --sample-paths 1 the architecture gradient Σ_j g_j q_j (δ_ij − q_i) over one path is "
-                "zero, so α moves only by weight decay; ProxylessNAS samples 2")
+        for m in self.methods:
+            m.start_run(self)
         self.log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
             f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
         self.history: list[dict] = []
@@ -398,12 +214,13 @@ class _Searcher:
         holding ``edge_ops``; weights and α drawn afresh from (seed, stage)."""
         cfg = self.config
         if reseed:
-            seed_everything(mix_seed(cfg.seed, index, _STAGE_PASS) % 2 ** 32)
+            seed_everything(mix_seed(cfg.seed, index, STAGE_PASS) % 2 ** 32)
         self.stage, self.edge_ops = index, edge_ops
         if index > 0:  # a later stage's edges are known only now
             check_search_size(cfg, self.dataset, self.device, world_size=self.dist.world_size,
                               layout=self.stages[index][0], edge_ops=edge_ops, stage=index)
-        self.model = build_supernet(cfg, self.dataset, self.device, layout=self.stages[index][0], edge_ops=edge_ops)
+        self.model = build_supernet(cfg, self.dataset, self.device, layout=self.stages[index][0], edge_ops=edge_ops,
+                                    methods=self.methods)
         self.weight_optimizer = DeviceLrSGD(self.model.weight_parameters(), lr=cfg.lr,
                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.architect = Architect(self.model, self.weight_optimizer, order=cfg.order, lr=cfg.arch_lr,
@@ -445,9 +262,13 @@ class _Searcher:
         path = self.checkpoint_path
         state = _read_checkpoint(path, self.device)
         ours = self._result_defining()
-        theirs = {**_LEGACY_FIELDS, "world_size": 1, **state["config"]}
+        theirs = {**legacy_fields(), "world_size": 1, **state["config"]}
         if isinstance(theirs["world_size"], bool) or not isinstance(theirs["world_size"], int):
             raise damaged(path, f"its world size {theirs['world_size']!r} is not a number of processes")
+        unknown = sorted(k for k in theirs if k not in ours)
+        if unknown:
+            raise FastDartsError(f"checkpoint {path} was written with option(s) {', '.join(unknown)}, which no "
+                                 f"registered method has now: import the method's module before resuming")
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
         if theirs["world_size"] != ours["world_size"]:
             diff.append(f"the world size sets the per-rank batch BatchNorm sees: resume with torchrun "
@@ -513,12 +334,9 @@ class _Searcher:
         n_steps = self._steps(self.train_loader)
         arch_step = stage_epoch >= cfg.arch_warmup_epochs
         model.start_epoch(cfg.seed, epoch, cfg.epochs, stage_epoch)
-        dropout = self._skip_dropout(stage_epoch)
-        model.set_skip_dropout(dropout)
-        if dropout is not None:
-            # The dropout masks come from the global generator: seeded per epoch (and rank: each its own
-            # masks), so a resumed run draws the same.
-            torch.manual_seed(mix_seed(cfg.seed, epoch, _DROPOUT_PASS + self.dist.rank))
+        figures: dict = {}
+        for m in self.methods:
+            figures.update(m.start_epoch(self, epoch, stage_epoch))
         where = f"stage {self.stage + 1}/{len(self.stages)} " if self.staged else ""
         progress = EpochProgress(self.device, n_steps, f"{where}epoch {stage_epoch + 1}/{cfg.epochs}",
                                  cfg.progress and self.dist.is_main)
@@ -548,15 +366,7 @@ class _Searcher:
             progress.sum_over_ranks(all_reduce_sum_, arch_loss_sum)
             arch_loss_sum /= self.dist.world_size  # of per-rank means
         return dict(**progress.summary(), arch_step=arch_step,
-                    arch_loss=arch_loss_sum.item() / n_steps if arch_step else None,
-                    **({"skip_dropout": dropout} if self.staged else {}))
-
-    def _skip_dropout(self, stage_epoch: int) -> float | None:
-        """P-DARTS' rate after skip_connect in this epoch; None when the stage has none (p₀ = 0)."""
-        p0 = self.dropout_rates[self.stage]
-        if p0 == 0:
-            return None
-        return skip_dropout_rate(p0, stage_epoch, self.config.epochs, self.config.arch_warmup_epochs)
+                    arch_loss=arch_loss_sum.item() / n_steps if arch_step else None, **figures)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
@@ -602,15 +412,13 @@ class _Searcher:
         check_finite_epoch({**entry, "alpha": 0.0 if alpha_finite else float("nan")},
                            ("train_loss", "arch_loss", "val_loss", "alpha"), self.checkpoint_path,
                            f"lower --lr (now {cfg.lr:g}) or --arch-lr (now {cfg.arch_lr:g})")
-        if cfg.aux_skip:
-            entry["aux_skip_weight"] = aux_skip_weight(stage_epoch, cfg.epochs)
+        for m in self.methods:
+            entry.update(m.epoch_figures(self, entry))
         genotype = self.model.genotype()
         entropy = self.model.alpha_entropy()
-        betas = self.model.edge_weights()
         alphas = self.model.alpha_weights()
         previous = self.history[-1] if stage_epoch > 0 else None
         entry.update(alpha_entropy=entropy, genotype=genotype.to_dict(), alphas=alphas,
-                     **({"betas": betas} if betas is not None else {}),
                      skip_connects=skip_connects(genotype),
                      **rank_measures(previous["alphas"] if previous else self.initial_alphas, alphas,
                                      self.edge_ops, previous.get("rank_unchanged_epochs", 0) if previous else 0),
@@ -618,12 +426,12 @@ class _Searcher:
         if not entry["arch_step"]:
             # α did not move because it was not trained: that is no evidence of a stable ranking.
             entry["rank_unchanged_epochs"] = 0
-        stopped = stop_reason(self.criteria, entry)
+        stopped = "; ".join(r for r in (m.stop_reason(self, entry) for m in self.methods) if r) or None
         entry.update(stopped=stopped, seconds=time.perf_counter() - start)
         last_stage = self.stage + 1 == len(self.stages)
         if (stopped or stage_epoch + 1 == cfg.epochs) and not last_stage:
-            # P-DARTS: each edge keeps its strongest ops by softmax(α) for the next stage.
-            entry["next_edge_ops"] = drop_ops(self.edge_ops, alphas, self.stages[self.stage + 1][1])
+            # The planning method chooses the ops each edge keeps for the next stage.
+            entry["next_edge_ops"] = self.planner.next_stage_edges(self, alphas, self.stages[self.stage + 1][1])
         self.history.append(entry)
         # Metrics first: a crash between the two never leaves a checkpoint newer than them.
         self._write_metrics()
@@ -637,7 +445,7 @@ class _Searcher:
                  f"(unchanged {entry['rank_unchanged_epochs']})  skips {entry['skip_connects']}  "
                  f"{entry['seconds']:.1f}s"
                  + ("" if entry["arch_step"] else "  (architecture warm-up: no α step)")
-                 + (f"\n  {beta_line(betas, self.model.steps)}" if betas is not None else "")
+                 + "".join(f"\n  {line}" for line in (m.epoch_log(self, entry) for m in self.methods) if line)
                  + f"\n  genotype {genotype_line(genotype)}")
         if stopped:
             what = f" stage {self.stage + 1}" if self.staged and not last_stage else ""
@@ -658,18 +466,17 @@ class _Searcher:
                     ops_per_edge=ops, edge_ops=self.edge_ops)
 
     def _plot_alphas(self, path: Path) -> None:
-        from .visualize import plot_alpha_history
-
         entries = [h for h in self.history if h.get("stage", 1) == self.stage + 1]
         plot_alpha_history([h["alphas"] for h in entries], self.model.op_names, self.model.steps, path,
-                           betas=[h["betas"] for h in entries] if self.model.edge_norm else None,
+                           betas=[h["betas"] for h in entries] if entries and all("betas" in h for h in entries)
+                           else None,
                            edge_ops=self.edge_ops)
 
     def _finish(self) -> SearchResult:
-        from .visualize import plot_genotype
-
-        cfg = self.config
-        genotype = self.model.genotype(max_skip=cfg.max_skip)
+        unlimited = self.model.genotype()
+        genotype = self.model.genotype(final=True)
+        for m in self.methods:  # a selection a method runs after the search
+            genotype = m.select_after_search(self, genotype)
         pictures = []
         if self.dist.is_main:
             genotype.save(self.out / "genotype.json")
@@ -679,9 +486,8 @@ class _Searcher:
         # No rank returns before rank 0's files are complete: what comes next may read them.
         barrier(self.dist)
         stopped = self.history[-1].get("stopped") if self.history else None
-        limited = cfg.max_skip is not None and genotype != self.model.genotype()
-        self.log(f"searched genotype{f' (epoch {len(self.history)}, {stopped})' if stopped else ''}"
-                 f"{f' (normal cell limited to {cfg.max_skip} skip connections)' if limited else ''}:\n{genotype}")
+        notes = "".join(f" ({n})" for n in (m.describe_final(genotype, unlimited) for m in self.methods) if n)
+        self.log(f"searched genotype{f' (epoch {len(self.history)}, {stopped})' if stopped else ''}{notes}:\n{genotype}")
         self.log(f"wrote {self.out / 'genotype.json'}, {', '.join(str(p) for p in pictures)}, "
                  f"{self.out / 'alphas.png'}, {self.out / 'metrics.jsonl'}")
         return SearchResult(genotype=genotype, history=self.history, out=self.out, model=self.model)
@@ -703,4 +509,4 @@ def search(config: SearchConfig | None = None, *, on_epoch_end: Callable[[dict],
         with launch(config.device) as dist:
             return search(config, on_epoch_end=on_epoch_end, log=log, dist=dist)
     with collective_failures(dist):
-        return _Searcher(config, log, dist).run(on_epoch_end)
+        return SearchRun(config, log, dist).run(on_epoch_end)

@@ -82,7 +82,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .edge_ops import full_edge_ops
 from .errors import FastDartsError
+from .eval_network import NetworkCIFAR
+from .genotype import Genotype, num_edges
+from .layout import layout_string, reduction_layout
+from .ops import OPS
+from .supernet import build_supernet
 
 PROFILE_BATCH = 2          # images in the meta forward (BatchNorm in training needs 2 on 1x1 maps)
 BYTES_PER_VALUE = 4        # fp32 weights and activations
@@ -446,7 +452,6 @@ def _compress(reductions: Sequence[bool]) -> tuple[tuple[bool, ...], tuple[int, 
 
 
 def _standard_layout(layers: int) -> tuple[bool, ...]:
-    from .layout import reduction_layout
     return reduction_layout(layers)
 
 
@@ -700,13 +705,11 @@ def check_fits(what: str, build: Callable[[], nn.Module], *, batch: int, input_s
 
 @functools.lru_cache(maxsize=None)
 def _op_size(name: str) -> int:
-    from .ops import OPS
-
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         return sum(p.numel() for p in OPS[name](8, 1, False).parameters())
 
 
-def _heaviest_ops(op_names: Sequence[str], n: int) -> tuple[str, ...]:
+def heaviest_ops(op_names: Sequence[str], n: int) -> tuple[str, ...]:
     """The ``n`` ops with the most parameters (ties: the later), in op-set order."""
     op_names = tuple(op_names)
     sizes = {name: _op_size(name) for name in op_names}
@@ -715,39 +718,17 @@ def _heaviest_ops(op_names: Sequence[str], n: int) -> tuple[str, ...]:
     return chosen
 
 
-class _FixedPaths:
-    """A stand-in for ``PathSampler`` in the meta forward (the real one reads
-    α on the host): every edge runs its ``n`` ops with the most parameters,
-    gated by softmax(α) over them, as a sampled architecture pass does."""
-
-    def __init__(self, edge_ops: dict, n: int):
-        self.paths = {}
-        for cell, lists in edge_ops.items():
-            self.paths[cell] = tuple(tuple(ops.index(o) for o in _heaviest_ops(ops, n)) for ops in lists)
-
-    def sample(self, alphas, mode):
-        out = []
-        for alpha, cell in zip(alphas, ("normal", "reduce")):
-            paths = self.paths[cell]
-            index = torch.tensor(paths, device=alpha.device)
-            out.append((F.softmax(alpha.gather(1, index), dim=-1), paths))
-        return out
-
-
 def _search_sizer(config, dataset, edge_ops, copies: int) -> _Sizer:
-    from .search_loop import build_supernet
-    from .layout import layout_string
-
     def make(C, layout):
         cfg = dataclasses.replace(config, channels=C)
         return lambda: build_supernet(cfg, dataset, "meta", layout=layout_string(layout), edge_ops=edge_ops)
 
     def prepare(model):
-        if model.path_sampler is not None:
-            model.path_sampler = _FixedPaths(model.edge_ops, model.sample_paths)
+        for m in model.methods:  # e.g. paths that would be drawn on the host from α's values
+            m.prepare_size_estimate(model)
 
     return _Sizer(make, (dataset.in_channels, dataset.image_size, dataset.image_size), grad=True, copies=copies,
-                  channel_step=config.partial_channels, prepare=prepare)
+                  channel_step=config.channel_step(), prepare=prepare)
 
 
 @_fail_open
@@ -760,15 +741,11 @@ def check_search_size(config, dataset, device: torch.device | str, *, world_size
     ``dataset``: anything with ``num_classes``, ``in_channels`` and
     ``image_size`` (a ``Dataset``); ``world_size``: ranks sharing each global
     batch (each holds ``batch_size / world_size`` images). ``layout`` and
-    ``edge_ops``: one P-DARTS stage's cells and edges, as ``build_supernet``
+    ``edge_ops``: one stage's cells and edges, as ``build_supernet``
     takes them (``stage``: its 0-based index, for the message). Without them
     every stage of the run is checked; a later stage's edges, not known
     before the stage before it ends, are taken to keep their heaviest ops.
     Returns the estimate of the largest stage."""
-    from .layout import layout_string, reduction_layout
-    from .methods.progressive import full_edge_ops
-    from .genotype import num_edges
-
     config = config.checked()
     device = torch.device(device)
     memory = device_memory_bytes(device)
@@ -780,9 +757,9 @@ def check_search_size(config, dataset, device: torch.device | str, *, world_size
         stages = []
         for index, (stage_layout, n_ops) in enumerate(config.stage_layouts()):
             chosen = (full_edge_ops(ops, num_edges(config.steps)) if n_ops >= len(ops) else
-                      {cell: (_heaviest_ops(ops, n_ops),) * num_edges(config.steps) for cell in ("normal", "reduce")})
+                      {cell: (heaviest_ops(ops, n_ops),) * num_edges(config.steps) for cell in ("normal", "reduce")})
             stages.append((stage_layout, None if index == 0 else chosen,
-                           index if config.stages is not None else None))
+                           index if config.stage_plan() is not None else None))
     copies = _COPIES[config.order]
     largest = None
     for stage_layout, stage_edges, index in stages:
@@ -807,8 +784,6 @@ def check_search_size(config, dataset, device: torch.device | str, *, world_size
 
 def _network_sizer(genotype, *, num_classes: int, auxiliary: bool, in_channels: int, image_size: int,
                    grad: bool, copies: int, bf16: bool, drop_path_prob: float = 0.0) -> _Sizer:
-    from .eval_network import NetworkCIFAR
-
     def make(C, layout):
         for layers in range(1, len(layout) + 1):  # NetworkCIFAR takes a depth, not a layout
             if _standard_layout(layers) == layout:
@@ -864,8 +839,6 @@ def check_eval_size(spec: Mapping[str, Any], device: torch.device | str, *, batc
     the network is already on ``device``, its weights already out of the
     free memory: count the forward's activations only. ``source``: the
     file, for the message."""
-    from .genotype import Genotype
-
     device = torch.device(device)
     memory = device_memory_bytes(device)
     try:

@@ -1,8 +1,11 @@
 """The DARTS supernet: cells whose every edge is a mixed operation (SPEC §1).
 
-The methods beyond DARTS are options of this one network (SPEC §8), each in
-its module under ``methods/``: ``partial_channels=K`` (PC-DARTS' edges),
-``edge_norm=True`` (PC-DARTS' β), ``sample_paths=N`` (ProxylessNAS).
+The methods beyond DARTS plug into this one network through their hooks
+(``method.SearchMethod``): a mixed op of their own, terms added to an edge,
+extra architecture parameters and per-edge scales, op weights computed from
+α another way, and what ranks an op in the derivation. The network holds the
+run's method instances (``methods``); built directly, it takes the methods'
+options as keyword arguments (``SearchNetwork(**options)``).
 
 Parameters are registered in the order of the original code's
 ``model_search.Network`` (stem, cells in order, each with its preprocessing
@@ -13,24 +16,21 @@ parameters, they are part of ``state_dict()`` and so of every checkpoint.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .edge_ops import check_edge_ops
 from .errors import FastDartsError
+from .fused_mixed_op import fused_preprocess
 from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
-from .fused_mixed_op import fused_preprocess
-from .methods.edge_norm import edge_weights as beta_edge_weights
-from .methods.aux_skip import aux_skip_weight
-from .methods.partial_channels import PartialChannelMixedOp, check_partial_channels
-from .methods.path_sampling import PathSampler, check_sample_paths
-from .methods.progressive import check_edge_ops
+from .method import OptionValues, SearchMethod, first, methods_for, overrides
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
-from .recompute import check_recompute, recompute_cell, recompute_module
 from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
+from .recompute import check_recompute, recompute_cell, recompute_module
 
 
 class _ConcatNodes(torch.autograd.Function):
@@ -59,11 +59,12 @@ def concat_nodes(states: Sequence[torch.Tensor]) -> torch.Tensor:
 class SearchCell(nn.Module):
     """A cell of the supernet: 2 inputs, ``steps`` intermediate nodes, the
     output concatenates the last ``multiplier`` of them. ``edge_ops``: the
-    ops of every edge, or one list per edge (P-DARTS' stages)."""
+    ops of every edge, or one list per edge; ``methods``: the run's methods
+    (an edge of a method's own, terms on every edge)."""
 
     def __init__(self, edge_ops: Sequence[Sequence[str]], steps: int, multiplier: int, C_prev_prev: int,
-                 C_prev: int, C: int, reduction: bool, reduction_prev: bool, backend: str, partial_channels: int = 1,
-                 aux_skip: bool = False):
+                 C_prev: int, C: int, reduction: bool, reduction_prev: bool, backend: str,
+                 methods: Sequence[SearchMethod] = ()):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -73,10 +74,12 @@ class SearchCell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        terms = [m for m in methods
+                 if any(overrides(m, hook) for hook in ("attach_to_edge", "split_edge", "add_to_edge"))]
+
         def edge(stride: int, op_names: Sequence[str]) -> MixedOp:
-            if partial_channels == 1:
-                return MixedOp(C, stride, op_names, backend, aux_skip)
-            return PartialChannelMixedOp(C, stride, op_names, backend, k=partial_channels, aux_skip=aux_skip)
+            own = first(methods, "build_edge", C, stride, op_names, backend, terms)
+            return own if own is not None else MixedOp(C, stride, op_names, backend, terms)
 
         pairs = [(i, j) for i in range(steps) for j in range(2 + i)]
         if edge_ops and isinstance(edge_ops[0], str):  # one op list for every edge
@@ -103,17 +106,16 @@ class SearchCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_scales: torch.Tensor | None = None, paths: tuple | None = None,
-                aux_weight: torch.Tensor | None = None, s0_preprocessed: bool = False) -> torch.Tensor:
+                extras: dict | None = None, s0_preprocessed: bool = False) -> torch.Tensor:
         """``weights``: one row of op weights per edge (with ``paths``, one per
-        sampled path); ``edge_scales``: softmax(β) per edge (edge normalisation);
-        ``aux_weight``: DARTS-' β_t of the auxiliary skip; ``s0_preprocessed``:
-        ``s0`` is ``preprocess_ahead``'s output."""
+        computed path); ``edge_scales``: a weight per edge; ``extras``: what
+        the edge terms read; ``s0_preprocessed``: ``s0`` is ``preprocess_ahead``'s output."""
         states = [s0 if s0_preprocessed else self._preprocess(self.preprocess0, s0),
                   self._preprocess(self.preprocess1, s1)]
         offset = 0
         for _ in range(self.steps):
             s = sum(self.edges[offset + j](h, weights[offset + j], None if paths is None else paths[offset + j],
-                                           None if edge_scales is None else edge_scales[offset + j], aux_weight)
+                                           None if edge_scales is None else edge_scales[offset + j], extras)
                     for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
@@ -137,24 +139,23 @@ class SearchNetwork(nn.Module):
             ``"cell"``: each cell keeps only its two inputs and rebuilds its
             node states in backward, the stem only the images
             (``recompute.py``); same results.
-        partial_channels: PC-DARTS' K (1: every channel goes through the ops).
-        edge_norm: PC-DARTS' edge normalisation (β, ``methods/edge_norm.py``).
-        sample_paths: ProxylessNAS' paths per edge in the architecture step
-            (0: off; ``methods/path_sampling.py``).
-        aux_skip: DARTS-' auxiliary skip on every edge, weighted by the
-            ``aux_skip_weight`` buffer (β_t; ``methods/aux_skip.py``).
-        edge_ops: P-DARTS' stages: ``{"normal": [ops of edge 0, ...], "reduce":
-            [...]}``, the ops each edge holds (a subset of ``ops`` in its order,
-            the same number on every edge; ``methods/progressive.py``). None:
-            every edge holds every op. α's columns follow each edge's list.
+        edge_ops: ``{"normal": [ops of edge 0, ...], "reduce": [...]}``, the
+            ops each edge holds (``edge_ops.py``); None: every edge holds
+            every op. α's columns follow each edge's list.
+        methods: the run's method instances (``method.methods_for(config)``);
+            None: those the keyword ``options`` switch on.
+        options: the registered methods' options (their ``Option`` names).
     """
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int | None = 8, layout: str | None = None,
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
                  in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge",
-                 partial_channels: int = 1, edge_norm: bool = False, sample_paths: int = 0, aux_skip: bool = False,
-                 edge_ops: dict[str, Sequence[Sequence[str]]] | None = None):
+                 edge_ops: dict[str, Sequence[Sequence[str]]] | None = None,
+                 methods: Sequence[SearchMethod] | None = None, **options: Any):
         super().__init__()
+        if methods is not None and options:
+            raise TypeError("give the methods or their options, not both")
+        self.methods = tuple(methods) if methods is not None else methods_for(OptionValues(options))
         self.recompute = check_recompute(recompute)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
                             ("multiplier", multiplier), ("stem_multiplier", stem_multiplier),
@@ -165,11 +166,9 @@ class SearchNetwork(nn.Module):
             raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
         self.op_names = resolve_ops(ops)
         self.edge_ops = check_edge_ops(edge_ops, self.op_names, num_edges(steps))
-        check_partial_channels(partial_channels, C)
-        self.partial_channels, self.edge_norm, self.aux_skip = partial_channels, bool(edge_norm), bool(aux_skip)
-        self.sample_paths = check_sample_paths(sample_paths, len(self.edge_ops["normal"][0]))
-        if sample_paths and check_backend(backend) == "checkpoint":
-            raise FastDartsError("path sampling does not run on the checkpoint backend; use --backend fused or reference")
+        check_backend(backend)
+        for m in self.methods:
+            m.check_network(self, C, backend)
         self.reductions = reduction_layout(None if layout is not None else layers, layout)
         self.steps, self.multiplier = steps, multiplier
 
@@ -185,8 +184,8 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             self.cells.append(SearchCell(self.edge_ops["reduce" if reduction else "normal"], steps, multiplier,
-                                         C_prev_prev, C_prev, C_curr,
-                                         reduction, reduction_prev, backend, partial_channels, self.aux_skip))
+                                         C_prev_prev, C_prev, C_curr, reduction, reduction_prev, backend,
+                                         self.methods))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -197,21 +196,15 @@ class SearchNetwork(nn.Module):
         k, n = num_edges(steps), len(self.edge_ops["normal"][0])
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n))
-        if self.edge_norm:  # after α, as PC-DARTS: the same seed gives its initial values
-            self.beta_normal = nn.Parameter(1e-3 * torch.randn(k))
-            self.beta_reduce = nn.Parameter(1e-3 * torch.randn(k))
-        self.path_sampler = PathSampler(sample_paths) if sample_paths else None
-        if self.aux_skip:
-            # β_t, filled by the loop each epoch (a tensor: nothing baked into a step); not
-            # in the state_dict, since the epoch decides it.
-            self.register_buffer("aux_skip_weight", torch.ones(()), persistent=False)
+        # Then each method's architecture parameters (after α: the original codes draw them so).
+        extra = [p for m in self.methods for p in m.setup_network(self)]
+        names = {id(p): name for name, p in self.named_parameters()}
+        self._method_arch = [names[id(p)] for p in extra]  # by name: a reload may swap the tensors
 
     # -- parameters ---------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
-        """α (normal, reduce), then β (normal, reduce) with edge normalisation."""
-        if self.edge_norm:
-            return [self.alpha_normal, self.alpha_reduce, self.beta_normal, self.beta_reduce]
-        return [self.alpha_normal, self.alpha_reduce]
+        """α (normal, reduce), then the methods' architecture parameters."""
+        return [self.alpha_normal, self.alpha_reduce, *(self.get_parameter(n) for n in self._method_arch)]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         arch = {id(p) for p in self.arch_parameters()}
@@ -224,49 +217,45 @@ class SearchNetwork(nn.Module):
 
     def set_backend(self, backend: str) -> "SearchNetwork":
         check_backend(backend)
-        if self.sample_paths and backend == "checkpoint":
-            raise FastDartsError("path sampling does not run on the checkpoint backend; use fused or reference")
+        for m in self.methods:
+            m.check_network(self, None, backend)
         for m in self.modules():
             if isinstance(m, MixedOp):
                 m.backend = backend
         return self
 
     # -- forward ------------------------------------------------------------
-    def set_skip_dropout(self, rate: float | None) -> None:
-        """P-DARTS' dropout after every stride-1 skip connection (None: off, no random draws)."""
-        for m in self.modules():
-            if isinstance(m, MixedOp):
-                m.skip_dropout = None if rate is None else float(rate)
-
     @property
     def draws_random_numbers(self) -> bool:
-        """Whether a forward pass draws from the random generators (P-DARTS'
-        skip dropout in training), so that a repeat must restore them."""
-        return self.training and any(isinstance(m, MixedOp) and m.skip_dropout is not None
-                                     and m.skip_index is not None for m in self.modules())
+        """Whether a forward pass draws from the random generators (an edge
+        term in training), so that a repeat must restore them."""
+        return self.training and any(isinstance(m, MixedOp) and m.draws_random_numbers for m in self.modules())
 
     def _cell_arguments(self, op_weights: dict[str, torch.Tensor] | None = None) -> tuple[tuple, tuple]:
         """The architecture arguments of a normal and of a reduction cell:
-        (op weights, edge scales, paths, auxiliary-skip weight). ``op_weights``
-        given: those, and nothing else (a discrete sub-network)."""
+        (op weights, edge scales, paths, extras). ``op_weights`` given: those,
+        and nothing else (a discrete sub-network)."""
         if op_weights is not None:
             return tuple((op_weights[cell].to(self.alpha_normal), None, None, None) for cell in ("normal", "reduce"))
         alphas = [self.alpha_normal, self.alpha_reduce]
-        if self.path_sampler is None:
+        if self.training and torch.is_grad_enabled() and not self.alpha_normal.requires_grad:
+            for m in self.methods:  # the weight step's view of α
+                alphas = m.alphas_for_weight_step(self, alphas)
+        sampled = first(self.methods, "op_weights", self, alphas)
+        if sampled is None:
             weights, paths = [F.softmax(a, dim=-1) for a in alphas], [None, None]
         else:
-            mode = ("chosen" if not self.training else
-                    "arch" if torch.is_grad_enabled() and self.alpha_normal.requires_grad else "weight")
-            weights, paths = zip(*self.path_sampler.sample(alphas, mode))
-        scales = ([beta_edge_weights(b, self.steps) for b in (self.beta_normal, self.beta_reduce)]
-                  if self.edge_norm else [None, None])
-        aux = self.aux_skip_weight if self.aux_skip else None
-        return tuple((w, s, p, aux) for w, s, p in zip(weights, scales, paths))
+            weights, paths = zip(*sampled)
+        scales = first(self.methods, "edge_scales", self) or [None, None]
+        extras: dict = {}
+        for m in self.methods:
+            extras.update(m.forward_extras(self))
+        return tuple((w, s, p, extras or None) for w, s, p in zip(weights, scales, paths))
 
     def forward(self, x: torch.Tensor, op_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of ``x``. ``op_weights`` (``{"normal": (edges, ops), "reduce": ...}``)
-        replace softmax(α), and edge normalisation, path sampling and the
-        auxiliary skip are off: e.g. ``genotype.genotype_op_weights`` scores an
+        replace softmax(α), and the methods' edge scales, sampled paths and
+        extras are off: e.g. ``genotype.genotype_op_weights`` scores an
         architecture as a discrete sub-network of the supernet (SPEC §9)."""
         arguments = self._cell_arguments(op_weights)
         cell_recompute = self.recompute == "cell" and torch.is_grad_enabled()
@@ -295,52 +284,50 @@ class SearchNetwork(nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(x), y)
 
-    # -- architecture -------------------------------------------------------
     # -- method hooks (search loop and architect) -------------------------------
     def start_epoch(self, seed: int, epoch: int, epochs: int | None = None, stage_epoch: int | None = None) -> None:
         """Called by the search loop before each epoch (0-based) of the run;
-        ``stage_epoch`` of ``epochs`` is its place in its stage (P-DARTS; the
+        ``stage_epoch`` of ``epochs`` is its place in its stage (the
         schedules restart each stage), by default ``epoch``."""
-        if self.path_sampler is not None:
-            self.path_sampler.start_epoch(seed, epoch)
-        if self.aux_skip:
-            if epochs is None:
-                raise FastDartsError("the auxiliary skip's β_t needs the number of epochs: start_epoch(seed, "
-                                     "epoch, epochs)")
-            with torch.no_grad():
-                self.aux_skip_weight.fill_(aux_skip_weight(epoch if stage_epoch is None else stage_epoch, epochs))
+        for m in self.methods:
+            m.network_epoch(self, seed, epoch, epochs, stage_epoch)
 
-    def before_arch_update(self, optimizer: torch.optim.Optimizer):
+    def before_arch_update(self, optimizer: torch.optim.Optimizer) -> list:
         """Called by the architect after the gradients are set, before Adam steps."""
-        if self.path_sampler is not None:
-            return self.path_sampler.snapshot([self.alpha_normal, self.alpha_reduce], optimizer)
-        return None
+        return [m.before_arch_update(self, optimizer) for m in self.methods]
 
-    def after_arch_update(self, optimizer: torch.optim.Optimizer, saved) -> None:
-        if self.path_sampler is not None:
-            # Per cell type, per edge: the column of `none` (-1: the edge does not hold it).
-            none = [[ops.index("none") if "none" in ops else -1 for ops in self.edge_ops[cell]]
-                    for cell in ("normal", "reduce")]
-            self.path_sampler.after_arch_update([self.alpha_normal, self.alpha_reduce], optimizer, saved, none)
+    def after_arch_update(self, optimizer: torch.optim.Optimizer, saved: list) -> None:
+        for m, kept in zip(self.methods, saved):
+            m.after_arch_update(self, optimizer, kept)
+
+    def arch_loss_terms(self) -> torch.Tensor | None:
+        """The methods' terms added to the architecture step's loss (None: none)."""
+        terms = [t for t in (m.arch_loss_term(self) for m in self.methods) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    @property
+    def supports_second_order(self) -> bool:
+        return not any(m.first_order_only(self) for m in self.methods)
 
     # -- architecture -------------------------------------------------------
-    def genotype(self, max_skip: int | None = None) -> Genotype:
-        """The derived cells; ``max_skip``: P-DARTS' limit on the normal cell's skip connections."""
-        betas = dict(beta_normal=self.beta_normal, beta_reduce=self.beta_reduce) if self.edge_norm else {}
+    def genotype(self, final: bool = False) -> Genotype:
+        """The derived cells; ``final``: with the methods' limits on the final cells."""
+        def strengths(cell: str, weights: torch.Tensor) -> torch.Tensor:
+            for m in self.methods:
+                weights = m.op_strengths(self, cell, weights)
+            return weights
+
+        def select(cell, weights, edge_ops, steps):
+            return first(self.methods, "select_cell", cell, weights, edge_ops, steps) if final else None
+
         return derive_genotype(self.alpha_normal, self.alpha_reduce, self.op_names, self.steps, self.multiplier,
-                               edge_ops=self.edge_ops, max_skip=max_skip, **betas)
+                               edge_ops=self.edge_ops, strengths=strengths if self.methods else None,
+                               select_cell=select if final and self.methods else None)
 
     def alpha_weights(self) -> dict[str, list[list[float]]]:
         """softmax(α) of both cell types as plain lists (for logs and plots)."""
         return {name: F.softmax(a.detach().float(), dim=-1).cpu().tolist()
                 for name, a in (("normal", self.alpha_normal), ("reduce", self.alpha_reduce))}
-
-    def edge_weights(self) -> dict[str, list[float]] | None:
-        """softmax(β) per node's incoming edges, both cell types (edge normalisation), else None."""
-        if not self.edge_norm:
-            return None
-        return {name: beta_edge_weights(b.detach().float(), self.steps).cpu().tolist()
-                for name, b in (("normal", self.beta_normal), ("reduce", self.beta_reduce))}
 
     def alpha_entropy(self) -> dict[str, float]:
         """Mean entropy (nats) of the per-edge op distributions; ln|O| at the
@@ -350,3 +337,16 @@ class SearchNetwork(nn.Module):
             logp = F.log_softmax(a.detach().float(), dim=-1)
             out[name] = float(-(logp.exp() * logp).sum(-1).mean())
         return out
+
+
+def build_supernet(config: Any, dataset: Any, device: torch.device | str, layout: str | None = None,
+                   edge_ops: dict | None = None, methods: Sequence[SearchMethod] | None = None) -> SearchNetwork:
+    """The supernet a (``checked()``) ``SearchConfig`` searches on ``dataset``;
+    ``layout`` and ``edge_ops``: a stage's cells and the ops its edges hold;
+    ``methods``: the run's method instances (None: new ones for ``config``)."""
+    return SearchNetwork(
+        C=config.channels, num_classes=dataset.num_classes,
+        layers=None, layout=layout or config.layout, ops=config.ops.split(","),
+        steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
+        backend=config.backend, recompute=config.recompute, edge_ops=edge_ops,
+        methods=methods_for(config) if methods is None else methods).to(device)

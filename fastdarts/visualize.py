@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .edge_ops import check_edge_ops
 from .errors import FastDartsError
 from .genotype import Genotype, node_name, num_edges, select_edges
 from .ops import PRIMITIVES, resolve_ops
@@ -356,10 +357,10 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
     per edge, row = target node, column = input node, one panel per cell
     type. A thick frame in an op's colour marks the edges the last epoch's
     weights keep, so a reader sees why the genotype came out as it did.
-    ``betas`` (PC-DARTS' edge normalisation: per epoch, softmax(β) per edge
+    ``betas`` (a method's edge weights: per epoch, softmax(β) per edge
     of each cell type) adds each edge's weight as a black line, and the kept
     edges are ranked by op weight times edge weight, as the derivation does.
-    ``edge_ops`` (P-DARTS' stages): the ops each edge holds, α's columns in
+    ``edge_ops`` (edges holding different ops): the ops each edge holds, α's columns in
     their order; each line keeps its op's colour."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -367,8 +368,6 @@ def plot_alpha_history(history: Sequence[dict[str, Any]], op_names: Sequence[str
     op_names = resolve_ops(op_names)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise FastDartsError(f"steps must be a positive integer, got {steps!r}")
-    from .methods.progressive import check_edge_ops
-
     edge_ops = check_edge_ops(edge_ops, op_names, num_edges(steps))
     weights = _history_array(history, len(edge_ops["normal"][0]), steps)
     shown = [op for op in op_names if any(op in ops for cell in _CELLS for ops in edge_ops[cell])]

@@ -1,3 +1,4 @@
+"""Fixtures and the fast-tier rule; the helpers the test modules share are in helpers.py."""
 import functools
 import inspect
 import os
@@ -32,64 +33,19 @@ def _no_tf32(request):
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def search_cli_error(argv, capsys) -> str:
-    """``fastdarts-search argv`` must fail with exit status 2 and one line on
-    stderr (argparse's errors included); returns that line."""
-    from fastdarts.cli import search_main
+@pytest.fixture
+def need_extension():
+    """The C++ extension's tests (``pytestmark = pytest.mark.usefixtures("need_extension")``):
+    skipped when fastdarts._C is not built, unless FASTDARTS_REQUIRE_CPP=1 (CI), which makes
+    that a failure."""
+    from fastdarts.kernels import extension
 
-    try:
-        code = search_main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fastdarts-search: error: "), err
-    return err[0]
-
-
-def run_cli(main, argv) -> tuple[int, list[str]]:
-    """``main(argv)`` of a CLI entry point with its output captured: (exit status, stderr lines)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, err.getvalue().strip().splitlines()
-
-
-def cli_error(main, argv, prog) -> str:
-    """``main(argv)`` must fail with exit status 2 and one line ``prog: error: ...`` on stderr; returns it."""
-    code, err = run_cli(main, argv)
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), (code, err)
-    return err[0]
-
-
-def tiny_net(**kw):
-    """A supernet small enough for a test to run in well under a second."""
-    from fastdarts import SearchNetwork
-
-    args = dict(C=4, num_classes=5, layout="N,R,N", ops="darts", steps=2, multiplier=2, stem_multiplier=1,
-                in_channels=3, backend="reference")
-    args.update(kw)
-    return SearchNetwork(**args)
-
-
-def saved_activation_bytes(net, x, y):
-    """Bytes autograd keeps for backward during one forward of ``net.loss``
-    (each storage once; parameters are the model's own memory, not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = net.loss(x, y)
-    loss.backward()
-    return sum(storages.values())
+    if not extension.HAS_EXTENSION:
+        why = (f"fastdarts._C is not built ({extension.EXTENSION_ERROR}); "
+               "build it with `pip install --no-build-isolation -e .`")
+        if os.environ.get("FASTDARTS_REQUIRE_CPP") == "1":
+            pytest.fail(why + " [FASTDARTS_REQUIRE_CPP=1]")
+        pytest.skip(why)
 
 
 # ---------------------------------------------------------------- the fast tier
@@ -98,7 +54,7 @@ def saved_activation_bytes(net, x, y):
 # commands). A rule, not hand-marking: a test is slow when its own code or that of a fixture it
 # uses calls one of these, or when its module is about such runs as a whole.
 _WHOLE_JOB = re.compile(r"(?<![\w.])(search|train|rank|search_main|train_main|rank_main|pipeline_main|"
-                        r"eval_main|evaluate_checkpoint|run_case|_spawn|_torchrun|torchrun)\(|subprocess\.")
+                        r"eval_main|evaluate_checkpoint|run_case|spawn_ranks|_torchrun|torchrun)\(|subprocess\.")
 _SLOW_MODULES = {"test_distributed_search", "test_distributed_train", "test_install", "test_readme",
                  "test_full_disk", "test_golden"}
 

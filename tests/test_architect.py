@@ -4,7 +4,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fastdarts import Architect
-from conftest import tiny_net
+from helpers import tiny_net
 
 
 class Quadratic(nn.Module):

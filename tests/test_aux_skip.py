@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from fastdarts.errors import FastDartsError
-from fastdarts.methods.aux_skip import aux_skip_weight
+from fastdarts.methods.aux_skip import AuxiliarySkip, aux_skip_weight
 from fastdarts.mixed_op import MixedOp
 from fastdarts.ops import DARTS_OPS, FactorizedReduce, Identity
 from fastdarts.search_loop import SearchConfig, search
-from conftest import tiny_net
+from helpers import tiny_net
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -22,7 +22,7 @@ def test_beta_falls_linearly_from_one_to_zero():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_op_adds_beta_times_the_auxiliary_op(backend, stride):
     torch.manual_seed(0)
-    op = MixedOp(4, stride, DARTS_OPS, backend, aux_skip=True).double()
+    op = MixedOp(4, stride, DARTS_OPS, backend, terms=[AuxiliarySkip(None)]).double()
     assert isinstance(op.auxiliary_op, FactorizedReduce if stride == 2 else Identity)
     # Registered before the candidate ops, as DARTS-' code: weights copy across positionally.
     names = [n for n, _ in op.named_parameters()]
@@ -31,7 +31,7 @@ def test_mixed_op_adds_beta_times_the_auxiliary_op(backend, stride):
     x = torch.randn(3, 4, 7, 7, dtype=torch.double, requires_grad=True)
     w = torch.softmax(torch.randn(8, dtype=torch.double), 0).requires_grad_()
     beta = torch.tensor(0.6, dtype=torch.double)
-    y = op(x, w, aux_weight=beta)
+    y = op(x, w, extras={"aux_skip_weight": beta})
     # The formula, from the modules called one by one.
     expected = sum(wk * o(x) for wk, o in zip(w, op.ops)) + beta * op.auxiliary_op(x)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error
+from helpers import cli_error
 import fastdarts.search_loop as search_module
 import fastdarts.train_loop as train_module
 import fastdarts.files as files

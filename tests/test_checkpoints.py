@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import cli_error
+from helpers import cli_error
 from fastdarts.checkpoints import kind_of
 from fastdarts.cli import eval_main, search_main, train_main
 from fastdarts.files import read_torch
-from fastdarts.rank_disorder import rank_main
+from fastdarts.cli_rank import rank_main
 
 SEARCH = ["--dataset", "digits", "--layout", "N,R,N", "--channels", "4", "--steps", "2", "--multiplier", "2",
           "--batch-size", "32", "--max-steps", "1", "--order", "first", "--epochs", "2", "--device", "cpu",

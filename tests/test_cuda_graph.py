@@ -11,7 +11,8 @@ from fastdarts.cuda_graph import DeviceLrSGD, GraphedStep, adam_capturable, chec
 from fastdarts.run_utils import cosine_lr, set_lr
 from fastdarts.search_loop import search_step
 from fastdarts.train_loop import train_step
-from conftest import search_cli_error, tiny_net
+from fastdarts.methods.progressive import set_skip_dropout
+from helpers import search_cli_error, tiny_net
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -104,14 +105,22 @@ def test_check_cuda_graph_names_what_cannot_be_captured():
     cuda = torch.device("cuda")  # a device object; nothing runs on it
     with pytest.raises(FastDartsError, match="torchrun"):
         check_cuda_graph(cuda, distributed=True)
+    check_cuda_graph(cuda)  # fine
+
+
+def test_methods_refuse_what_cuda_graphs_cannot_capture():
+    # Each method says what it cannot capture, once, when the configuration is checked.
+    graphed = dict(cuda_graph=True, device="cuda", epochs=2)
     with pytest.raises(FastDartsError, match="path sampling"):
-        check_cuda_graph(cuda, sample_paths=2)
+        SearchConfig(method="proxyless", **graphed).checked()
+    staged = dict(method="p-darts", stages="3:8,3:5", skip_dropout="0.1,0.2", arch_warmup_epochs=0, **graphed)
     with pytest.raises(FastDartsError, match="second-order step with skip dropout"):
-        check_cuda_graph(cuda, second_order=True, skip_dropout=True)
+        SearchConfig(**staged, order="second").checked()
     with pytest.raises(FastDartsError, match="--recompute cell with skip dropout"):
-        check_cuda_graph(cuda, skip_dropout=True, cell_recompute=True)
-    check_cuda_graph(cuda, second_order=True, cell_recompute=True)  # fine
-    check_cuda_graph(cuda, skip_dropout=True)  # P-DARTS' first order: fine
+        SearchConfig(**staged, recompute="cell").checked()
+    SearchConfig(**staged).checked()  # P-DARTS' first order: fine
+    SearchConfig(**dict(staged, skip_dropout="0.0,0.0"), order="second", recompute="cell").checked()  # no dropout
+    SearchConfig(order="second", recompute="cell", **graphed).checked()  # DARTS: fine
 
 
 def test_cli_refuses_cuda_graph_on_the_cpu(capsys, tmp_path):
@@ -123,9 +132,9 @@ def test_cli_refuses_cuda_graph_on_the_cpu(capsys, tmp_path):
 
 
 def test_the_model_says_when_it_draws_random_numbers():
-    net = tiny_net()
+    net = tiny_net(skip_dropout=0.3)
     assert not net.draws_random_numbers
-    net.set_skip_dropout(0.3)
+    set_skip_dropout(net, 0.3)
     assert net.draws_random_numbers
     net.eval()
     assert not net.draws_random_numbers

@@ -1,8 +1,8 @@
 """The search over two processes (gloo on the CPU, SPEC §10): explicit
 all-reduces of the architect's and the weight step's gradients.
 
-Spawned ranks (file rendezvous, one thread each, ``_spawn`` of
-test_distributed_train) run search steps and whole searches; the
+Spawned ranks (file rendezvous, one thread each, ``spawn_ranks`` of
+helpers.py) run search steps and whole searches; the
 single-process statement they are compared with is two replicas of the
 supernet stepped in two threads of this process, each on its shard, whose
 gradients are averaged where the issue says (the weights' train gradient
@@ -26,8 +26,7 @@ import torch
 from fastdarts import Architect, distributed
 from fastdarts.cli import search_main
 from fastdarts.search_loop import search, search_step
-from conftest import tiny_net
-from test_distributed_train import _error_line, _spawn
+from helpers import error_line, spawn_ranks, tiny_net
 
 REPO = Path(__file__).resolve().parents[1]
 COMBOS = [(order, backend) for order in ("first", "second") for backend in ("reference", "fused")]
@@ -106,7 +105,7 @@ def _threaded_replicas(order, backend):
 
 @pytest.fixture(scope="module")
 def stepped(tmp_path_factory):
-    codes, results = _spawn(tmp_path_factory.mktemp("steps"), _search_steps)
+    codes, results = spawn_ranks(tmp_path_factory.mktemp("steps"), _search_steps)
     assert codes == [0, 0], [r and r["stderr"] for r in results]
     return [r["states"] for r in results]
 
@@ -169,7 +168,7 @@ def _searches(rank, root):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("searches")
-    codes, results = _spawn(tmp, _searches, str(tmp / "runs"), wait_s=3600)
+    codes, results = spawn_ranks(tmp, _searches, str(tmp / "runs"), wait_s=3600)
     assert codes == [0, 0], [r and r["stderr"][-3000:] for r in results]
     return tmp / "runs", results
 
@@ -211,7 +210,7 @@ def test_resume_with_another_world_size_is_refused(searched, tmp_path, capsys):
             "--batch-size", "16", "--epochs", "2", "--max-steps", "2", "--order", "first", "--device", "cpu",
             "--no-progress", "--out", str(tmp_path / "run"), "--resume"]
     assert search_main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "world_size: checkpoint 2 vs now 1" in line and "torchrun --nproc_per_node 2" in line
 
 
@@ -221,10 +220,10 @@ def test_a_global_batch_the_world_does_not_divide_is_refused(tmp_path, capsys, m
     monkeypatch.setattr(distributed, "launch", None)  # no process group may be set up
     out = tmp_path / "o"
     assert search_main(["--dataset", "digits", "--batch-size", "15", "--out", str(out)]) == 2
-    assert _error_line(capsys).startswith("fastdarts-search: error: batch-size 15 does not split evenly among 2")
+    assert error_line(capsys).startswith("fastdarts-search: error: batch-size 15 does not split evenly among 2")
     # A bad configuration is reported once, by rank 0, before any rank waits for the others.
     assert search_main(["--dataset", "digits", "--stages", "5-8", "--out", str(out)]) == 2
-    assert "malformed stages" in _error_line(capsys)
+    assert "malformed stages" in error_line(capsys)
     monkeypatch.setenv("RANK", "1")
     assert search_main(["--dataset", "digits", "--batch-size", "15", "--out", str(out)]) == 2
     assert capsys.readouterr().err == ""
@@ -278,7 +277,7 @@ def _killed_rank(rank, root):
 
 def test_a_killed_rank_stops_the_other_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "20")
-    codes, results = _spawn(tmp_path, _killed_rank, str(tmp_path), wait_s=3600, after_rank_0_s=60)
+    codes, results = spawn_ranks(tmp_path, _killed_rank, str(tmp_path), wait_s=3600, after_rank_0_s=60)
     assert codes[1] == 1 and codes[0] == 3
     assert "rank 0 of 2 lost contact with the others" in results[0]["lost"]
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # whole, from epoch 1

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import fastdarts.files as files
-from conftest import run_cli
+from helpers import run_cli
 from fastdarts.cli import search_main, train_main
-from fastdarts.rank_disorder import rank_main
+from fastdarts.cli_rank import rank_main
 
 SEARCH = ["--dataset", "digits", "--layout", "N,R,N", "--channels", "4", "--steps", "2", "--multiplier", "2",
           "--batch-size", "32", "--max-steps", "2", "--order", "first", "--epochs", "2", "--device", "cpu",

@@ -6,17 +6,10 @@ import torch
 from fastdarts.fused_mixed_op import FusedMixedOpFunction, _candidate, _resolve_params
 from fastdarts.kernels.backend import kernel_backend
 from fastdarts.mixed_op import MixedOp
-from conftest import saved_activation_bytes, tiny_net
+from helpers import TINY_SEARCH, assert_functional_call_matches, loss_and_grads, saved_activation_bytes, tiny_net
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OP_SETS = ["darts", "extended", "none,skip_connect,conv_3x3", "max_pool_3x3,sep_conv_5x5,conv_1x3_3x1"]
-
-
-def _grads(net, x, y):
-    x = x.clone().requires_grad_(True)
-    loss = net.loss(x, y)
-    grads = torch.autograd.grad(loss, [x] + list(net.parameters()))
-    return loss.detach(), grads
 
 
 def _pair(device, dtype=torch.float32, **kw):
@@ -36,8 +29,8 @@ def test_fused_network_matches_reference(ops, hw, device):
     # layout covers the stride-2 edges of a reduction cell.
     x = torch.randn(4, 3, hw, 2 * hw, device=device)[..., ::2]
     y = torch.randint(0, 5, (4,), device=device)
-    loss_r, grads_r = _grads(ref, x, y)
-    loss_f, grads_f = _grads(fused, x, y)
+    loss_r, grads_r = loss_and_grads(ref, x, y)
+    loss_f, grads_f = loss_and_grads(fused, x, y)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=0)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
     for name, gr, gf in zip(names, grads_r, grads_f):
@@ -64,8 +57,8 @@ def test_fused_matches_reference_under_tf32():
     torch.manual_seed(1)
     ref, fused = _pair("cuda")
     x, y = torch.randn(4, 3, 8, 8, device="cuda"), torch.randint(0, 5, (4,), device="cuda")
-    loss_r, grads_r = _grads(ref, x, y)
-    loss_f, grads_f = _grads(fused, x, y)
+    loss_r, grads_r = loss_and_grads(ref, x, y)
+    loss_f, grads_f = loss_and_grads(fused, x, y)
     torch.testing.assert_close(loss_f, loss_r, rtol=TF32_TOLERANCE, atol=0)
     for name, gr, gf in zip(["x"] + [n for n, _ in ref.named_parameters()], grads_r, grads_f):
         torch.testing.assert_close(gf, gr, rtol=0, atol=TF32_TOLERANCE * gr.abs().max().item(), msg=name)
@@ -223,9 +216,9 @@ def test_fused_low_precision_close_to_reference(dtype, tol):
     y = torch.randint(0, 5, (4,))
     ref64 = tiny_net(backend="reference").double()
     ref64.load_state_dict(ref.state_dict())
-    loss_64, grads_64 = _grads(ref64, x.double(), y)
-    loss_r, grads_r = _grads(ref, x, y)
-    loss_f, grads_f = _grads(fused, x, y)
+    loss_64, grads_64 = loss_and_grads(ref64, x.double(), y)
+    loss_r, grads_r = loss_and_grads(ref, x, y)
+    loss_f, grads_f = loss_and_grads(fused, x, y)
     # flash-attention's criterion: no worse than twice PyTorch's own error in that dtype.
     err_r = max((a.double() - b).abs().max().item() / b.abs().max().item() for a, b in zip(grads_r, grads_64))
     err_f = max((a.double() - b).abs().max().item() / b.abs().max().item() for a, b in zip(grads_f, grads_64))
@@ -244,8 +237,8 @@ def test_fused_without_grad_and_in_eval():
         ref.eval(), fused.eval()
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)
     # Gradients in eval mode (BN on running statistics) go through the reference path.
-    loss_r, grads_r = _grads(ref, x, torch.tensor([0, 1]))
-    loss_f, grads_f = _grads(fused, x, torch.tensor([0, 1]))
+    loss_r, grads_r = loss_and_grads(ref, x, torch.tensor([0, 1]))
+    loss_f, grads_f = loss_and_grads(fused, x, torch.tensor([0, 1]))
     for gr, gf in zip(grads_r, grads_f):
         torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-6)
 
@@ -363,9 +356,9 @@ def test_search_on_digits_in_float32_gives_the_reference_losses(tmp_path):
     machines and thread counts is the losses to its rounding (α's small
     components are normalised by Adam; the float64 test above checks them)."""
     from fastdarts import search
-    from test_search import TINY
 
-    results = {backend: search(epochs=1, out=str(tmp_path / backend), backend=backend, log=lambda _: None, **TINY)
+    results = {backend: search(epochs=1, out=str(tmp_path / backend), backend=backend, log=lambda _: None,
+                               **TINY_SEARCH)
                for backend in ("reference", "fused")}
     r, f = results["reference"].history[0], results["fused"].history[0]
     for key in ("train_loss", "arch_loss", "val_loss"):
@@ -382,8 +375,8 @@ def test_every_kernel_backend_gives_the_reference(kernels, monkeypatch):
     torch.manual_seed(8)
     ref, fused = _pair("cpu")
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    loss_r, grads_r = _grads(ref, x, y)
-    loss_f, grads_f = _grads(fused, x, y)
+    loss_r, grads_r = loss_and_grads(ref, x, y)
+    loss_f, grads_f = loss_and_grads(fused, x, y)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=0)
     for gr, gf in zip(grads_r, grads_f):
         torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())
@@ -500,18 +493,6 @@ def test_functional_call_uses_the_substituted_weights(backend):
     for name, g, gt in zip(["x", "w", *subs], grads, grads_t):
         torch.testing.assert_close(g, gt, rtol=1e-5, atol=1e-5 * gt.abs().max().item(), msg=name)
     assert all(p.grad is None for p in edge.parameters())  # the module's own weights got nothing
-
-
-def assert_functional_call_matches(net, truth, subs):
-    """``functional_call(net, subs)`` gives the gradients of ``truth``, a
-    reference supernet that holds the substituted weights itself."""
-    truth.load_state_dict({**truth.state_dict(), **{k: v.detach() for k, v in subs.items()}})
-    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    loss = torch.nn.functional.cross_entropy(torch.func.functional_call(net, subs, (x,)), y)
-    grads = torch.autograd.grad(loss, list(subs.values()))
-    grads_t = torch.autograd.grad(truth.loss(x, y), list(truth.parameters()))
-    for name, g, gt in zip(subs, grads, grads_t):
-        torch.testing.assert_close(g, gt, rtol=1e-5, atol=1e-5 * gt.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -648,7 +629,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_with_one_warning(monkeypatch)
         torch.manual_seed(19)
         ref, fused = _pair("cpu")
         x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-        (loss_r, grads_r), (loss_f, grads_f) = _grads(ref, x, y), _grads(fused, x, y)
+        (loss_r, grads_r), (loss_f, grads_f) = loss_and_grads(ref, x, y), loss_and_grads(fused, x, y)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=0)
     for gr, gf in zip(grads_r, grads_f):
         torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())
@@ -690,8 +671,8 @@ def test_channels_last_is_converted_once_per_edge_not_per_op(monkeypatch):
         net.to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (4,))
-    loss_r, grads_r = _grads(ref, x, y)
-    loss_f, grads_f = _grads(fused, x, y)
+    loss_r, grads_r = loss_and_grads(ref, x, y)
+    loss_f, grads_f = loss_and_grads(fused, x, y)
     assert seen and all(seen)
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=0)
     for gr, gf in zip(grads_r, grads_f):

@@ -5,8 +5,6 @@ always, CUDA kernels when there is a GPU.
 Skipped when the extension is not built (``pip install --no-build-isolation -e .``
 builds it), unless FASTDARTS_REQUIRE_CPP=1 (CI), which makes that a failure.
 """
-import os
-
 import pytest
 import torch
 
@@ -16,14 +14,8 @@ from fastdarts.kernels.bn_accumulate import accumulator_dtype, bn_accumulate_bac
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _need_extension():
-    if not extension.HAS_EXTENSION:
-        why = (f"fastdarts._C is not built ({extension.EXTENSION_ERROR}); "
-               "build it with `pip install --no-build-isolation -e .`")
-        if os.environ.get("FASTDARTS_REQUIRE_CPP") == "1":
-            pytest.fail(why + " [FASTDARTS_REQUIRE_CPP=1]")
-        pytest.skip(why)
+# Skipped without the extension, a failure under FASTDARTS_REQUIRE_CPP=1 (conftest's need_extension).
+pytestmark = pytest.mark.usefixtures("need_extension")
 
 
 def ops():

@@ -39,7 +39,7 @@ def test_proxyless_preset():
 
 def test_the_architects_adam_takes_the_methods_beta1(tmp_path):
     # ProxylessNAS' Adam on α has betas (0, 0.999); an explicit --arch-beta1 wins; out of [0, 1) is refused.
-    from fastdarts.search_loop import _Searcher
+    from fastdarts.search_loop import SearchRun as _Searcher
     from fastdarts.distributed import DistContext
 
     for argv, beta1 in ((["--method", "proxyless"], 0.0), (["--method", "proxyless", "--arch-beta1", "0.3"], 0.3),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastdarts.mixed_op import MixedOp
-from conftest import saved_activation_bytes, tiny_net
+from helpers import saved_activation_bytes, tiny_net
 
 
 def _grads(net, x, y):

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdarts.search_loop as search_module
+import fastdarts.supernet as supernet_module
 from fastdarts import FastDartsError, SearchConfig, SearchNetwork, search
 from fastdarts.genotype import Genotype, derive_genotype, num_edges
+from fastdarts.methods.edge_norm import derive_with_beta, edge_weights_of
 from fastdarts.methods.partial_channels import PartialChannelMixedOp, channel_shuffle
-from conftest import search_cli_error, tiny_net
+from helpers import search_cli_error, tiny_net
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -325,19 +326,19 @@ def test_beta_changes_which_edges_are_kept():
     # β node 1: softmax[-3, 0, 0] = [0.024, 0.488, 0.488] -> 0.017, 0.292, 0.232: edge from input 0 drops.
     beta = torch.tensor([0.0, 1.0, -3.0, 0.0, 0.0], dtype=torch.float64)
     zero = torch.zeros(5, dtype=torch.float64)
-    g = derive_genotype(alpha, alpha, OPS4, steps=2, multiplier=2, beta_normal=beta, beta_reduce=zero)
+    g = derive_with_beta(alpha, alpha, OPS4, steps=2, multiplier=2, beta_normal=beta, beta_reduce=zero)
     assert g.normal == (("skip_connect", 1), ("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 2))
     assert g.reduce == plain.reduce  # equal β within each node: α alone decides
     assert g.normal_concat == g.reduce_concat == (2, 3)
     # numpy arrays are accepted as well.
-    assert derive_genotype(alpha.numpy(), alpha.numpy(), OPS4, 2, 2, beta.numpy(), zero.numpy()) == g
+    assert derive_with_beta(alpha.numpy(), alpha.numpy(), OPS4, 2, 2, beta.numpy(), zero.numpy()) == g
 
 
 def test_beta_ties_keep_the_earlier_edge_and_op():
     alpha = torch.zeros(5, 4)
     alpha[:, 1:] = torch.tensor([1.0, 1.0, 0.0])  # max pool and skip tie on every edge
     beta = torch.full((5,), 0.3)                  # equal β: every edge of a node equally strong
-    g = derive_genotype(alpha, alpha, OPS4, 2, 2, beta_normal=beta, beta_reduce=beta)
+    g = derive_with_beta(alpha, alpha, OPS4, 2, 2, beta_normal=beta, beta_reduce=beta)
     assert g.normal == g.reduce == (("max_pool_3x3", 0), ("max_pool_3x3", 1),
                                     ("max_pool_3x3", 0), ("max_pool_3x3", 1))
     # Node 1: plain α keeps the strong edge from input 0 first; β (-5) drops it, and
@@ -348,7 +349,7 @@ def test_beta_ties_keep_the_earlier_edge_and_op():
     plain = derive_genotype(alpha, alpha, OPS4, 2, 2)
     assert plain.normal[2:] == (("sep_conv_3x3", 0), ("max_pool_3x3", 1))
     beta = torch.tensor([0.2, 0.2, -5.0, 0.5, 0.5])
-    g = derive_genotype(alpha, alpha, OPS4, 2, 2, beta_normal=beta, beta_reduce=torch.zeros(5))
+    g = derive_with_beta(alpha, alpha, OPS4, 2, 2, beta_normal=beta, beta_reduce=torch.zeros(5))
     assert g.normal == (("max_pool_3x3", 0), ("max_pool_3x3", 1), ("max_pool_3x3", 1), ("max_pool_3x3", 2))
     assert g.reduce == plain.reduce
 
@@ -360,7 +361,7 @@ def test_none_is_never_kept_and_does_not_rank_an_edge():
     alpha = _alpha([[5, 0, 0, 1], [0, 0, 0, 1],
                     [5, 0, 0, 1.5], [0, 0, 0, 0], [0, 0, 0, 0.5]])
     beta = torch.zeros(5, dtype=torch.float64)
-    g = derive_genotype(alpha, alpha, OPS4, 2, 2, beta_normal=beta, beta_reduce=beta)
+    g = derive_with_beta(alpha, alpha, OPS4, 2, 2, beta_normal=beta, beta_reduce=beta)
     # Node 0 has only two edges: both kept, with their strongest op that is not `none`,
     # the stronger non-`none` first (0.475 from input 1 over 0.018 from input 0).
     assert g.normal == (("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 2), ("max_pool_3x3", 1))
@@ -378,7 +379,7 @@ def test_none_is_never_kept_and_does_not_rank_an_edge():
 def test_bad_beta(betas, needle):
     alpha = torch.zeros(5, 4)
     with pytest.raises(FastDartsError, match=needle):
-        derive_genotype(alpha, alpha, OPS4, 2, 2, **betas)
+        derive_with_beta(alpha, alpha, OPS4, 2, 2, **betas)
 
 
 def test_network_genotype_uses_beta():
@@ -392,7 +393,7 @@ def test_network_genotype_uses_beta():
     assert g.normal == (("skip_connect", 1), ("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 2))
     assert g.reduce == derive_genotype(alpha, alpha, OPS4, 2, 2).reduce
     assert g != derive_genotype(alpha, alpha, OPS4, 2, 2)
-    weights = net.edge_weights()
+    weights = edge_weights_of(net)
     assert weights["normal"][2:] == pytest.approx(node_softmax(net.beta_normal.detach().double(), 2)[2:].tolist())
 
 
@@ -420,14 +421,14 @@ def test_warmup_metrics_and_exact_resume(tmp_path, monkeypatch):
     """One 2-epoch run (the first a warm-up), checked step by step, then the same
     run interrupted after the warm-up epoch and resumed: identical state."""
     initial = {}
-    real = search_module.SearchNetwork
+    real = supernet_module.SearchNetwork  # what build_supernet builds
 
     def recording(*args, **kwargs):
         net = real(*args, **kwargs)
         initial.update({k: v.detach().clone() for k, v in net.state_dict().items()})
         return net
 
-    monkeypatch.setattr(search_module, "SearchNetwork", recording)
+    monkeypatch.setattr(supernet_module, "SearchNetwork", recording)
     after_epoch = {}
     whole_out = tmp_path / "whole"
 
@@ -435,9 +436,10 @@ def test_warmup_metrics_and_exact_resume(tmp_path, monkeypatch):
         after_epoch[entry["epoch"]] = torch.load(whole_out / "checkpoint.pt", weights_only=True)["model"]
 
     whole = search(out=str(whole_out), log=_quiet, on_epoch_end=snapshot, **PC_TINY)
-    monkeypatch.setattr(search_module, "SearchNetwork", real)
+    monkeypatch.setattr(supernet_module, "SearchNetwork", real)
     net = whole.model
-    assert net.partial_channels == 4 and net.edge_norm  # the preset's
+    assert [type(m).__name__ for m in net.methods] == ["PartialChannels", "EdgeNormalisation"]  # the preset's
+    assert net.methods[0].config.partial_channels == 4
     assert all(isinstance(e, PartialChannelMixedOp) for cell in net.cells for e in cell.edges)
     for name in ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"):
         # The warm-up epoch leaves α and β as they were made; the next one moves them.

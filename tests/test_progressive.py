@@ -17,13 +17,13 @@ from fastdarts import SearchNetwork
 from fastdarts.errors import FastDartsError
 from fastdarts.genotype import derive_genotype, num_edges
 from fastdarts.methods import method_preset
-from fastdarts.methods.progressive import (drop_ops, limit_skip_connects, parse_rates, parse_stages,
+from fastdarts.methods.progressive import (Progressive, max_skip_selector, set_skip_dropout, drop_ops, limit_skip_connects, parse_rates, parse_stages,
                                            skip_dropout_rate)
 from fastdarts.mixed_op import MixedOp
 from fastdarts.ops import DARTS_OPS
 from fastdarts.search_loop import SearchConfig, load_search, search
 from fastdarts.visualize import plot_alpha_history
-from conftest import search_cli_error, tiny_net
+from helpers import search_cli_error, tiny_net
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -213,13 +213,15 @@ def test_derive_genotype_with_edge_ops_and_max_skip():
     # The reduction cell's columns are its own ops: column 0 is max_pool (not `none`), so edge 4
     # (from node 0) is as strong as 0.5 and beats edge 3 (0.4).
     assert g.reduce == (("skip_connect", 0), ("skip_connect", 1), ("skip_connect", 0), ("max_pool_3x3", 2))
-    limited = derive_genotype(alpha, reduce, DARTS_OPS, steps=2, multiplier=2, edge_ops=edge_ops, max_skip=1)
+    limited = derive_genotype(alpha, reduce, DARTS_OPS, steps=2, multiplier=2, edge_ops=edge_ops,
+                              select_cell=max_skip_selector(1))
     assert limited.normal == limit_skip_connects(torch.softmax(alpha, -1).tolist(), [THREE] * 5, 2, 1)
     assert limited.reduce == g.reduce  # the limit is the normal cell's only
     with pytest.raises(FastDartsError, match=r"has shape \(5, 8\), expected \(5, 3\)"):
         derive_genotype(torch.zeros(5, 8), alpha, DARTS_OPS, steps=2, multiplier=2, edge_ops=edge_ops)
     with pytest.raises(FastDartsError, match="max-skip must be a non-negative integer"):
-        derive_genotype(alpha, alpha, DARTS_OPS, steps=2, multiplier=2, edge_ops=edge_ops, max_skip=-1)
+        derive_genotype(alpha, alpha, DARTS_OPS, steps=2, multiplier=2, edge_ops=edge_ops,
+                        select_cell=max_skip_selector(-1))
 
 
 # -- supernets whose edges hold different ops ------------------------------------
@@ -354,7 +356,7 @@ def test_bad_edge_ops(bad, needle):
 def test_skip_dropout_on_one_edge_is_the_original_term(backend):
     ops = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
     torch.manual_seed(0)
-    edge = MixedOp(4, 1, ops, backend).double()
+    edge = MixedOp(4, 1, ops, backend, terms=[Progressive(None)]).double()
     edge.skip_dropout = 0.5
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     w = torch.softmax(torch.randn(4, dtype=torch.float64), 0).requires_grad_(True)
@@ -376,7 +378,7 @@ def test_skip_dropout_on_one_edge_is_the_original_term(backend):
     edge.eval()
     assert _close(edge(x, w), sum(wk * edge.ops[k](x) for k, wk in enumerate(w)))
     edge.train()
-    assert MixedOp(4, 2, ops, backend).skip_index is None
+    assert MixedOp(4, 2, ops, backend, terms=[Progressive(None)]).skip_index is None
     edge.skip_dropout = None
     state = torch.get_rng_state()
     edge(x, w)
@@ -389,8 +391,9 @@ def test_skip_dropout_is_the_same_on_every_backend(recompute, partial):
     results = []
     for backend in BACKENDS:
         torch.manual_seed(4)
-        net = tiny_net(backend=backend, edge_ops=ops, recompute=recompute, partial_channels=partial).double()
-        net.set_skip_dropout(0.5)
+        net = tiny_net(backend=backend, edge_ops=ops, recompute=recompute, partial_channels=partial,
+                       skip_dropout=0.5).double()
+        set_skip_dropout(net, 0.5)
         x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
         torch.manual_seed(11)
         results.append(_loss_and_grads(net, x, y))
@@ -431,7 +434,7 @@ def test_preset():
     assert SearchConfig().checked().arch_grad_clip is None  # DARTS does not clip α's gradient
     assert c.stage_layouts() == [("N,R,N,R,N", 8), ("N,N,N,R,N,N,N,R,N,N,N", 5),
                                  ("N,N,N,N,N,R,N,N,N,N,N,R,N,N,N,N,N", 3)]
-    assert method_preset("darts")["stages"] is None
+    assert method_preset("darts").get("stages") is None  # a preset names only what it sets
 
 
 def test_staged_search_drops_ops_between_stages(tmp_path):
@@ -461,7 +464,9 @@ def test_staged_search_drops_ops_between_stages(tmp_path):
             carried.append([v / sum(row) for v in row])
         assert max(abs(a - b) for r, q in zip(carried, nxt["alphas"]["normal"]) for a, b in zip(r, q)) > 1e-6
         assert nxt["alpha_entropy"]["normal"] == pytest.approx(math.log(len(kept)), abs=1e-4)
-    assert result.genotype == net.genotype(max_skip=1)
+    assert result.genotype == net.genotype(final=True)  # limited: at most max_skip=1
+    assert result.genotype == derive_genotype(net.alpha_normal, net.alpha_reduce, net.op_names, net.steps,
+                                              net.multiplier, edge_ops=net.edge_ops, select_cell=max_skip_selector(1))
     assert sum(op == "skip_connect" for op, _ in result.genotype.normal) <= 1
     for k in (1, 2, 3):
         assert (tmp_path / "run" / f"alphas_stage{k}.png").stat().st_size > 0
@@ -546,7 +551,7 @@ def test_the_architecture_gradient_is_clipped_as_p_darts_does():
 def test_second_order_sees_the_same_dropout_masks_at_w_plus_and_w_minus(monkeypatch):
     """The finite difference (g⁺ − g⁻)/2ε must differ only by the weights: each pass
     draws the skip-dropout masks afresh, so w⁻ replays the masks w⁺ drew."""
-    import fastdarts.mixed_op as mixed_op_module
+    import fastdarts.methods.progressive as mixed_op_module  # the skip dropout is drawn there
     from fastdarts import Architect
 
     masks = []
@@ -565,8 +570,8 @@ def test_second_order_sees_the_same_dropout_masks_at_w_plus_and_w_minus(monkeypa
     monkeypatch.setattr(mixed_op_module, "F", Recording())
     ops = {cell: [("none", "skip_connect", "sep_conv_3x3")] * num_edges(2) for cell in ("normal", "reduce")}
     torch.manual_seed(0)
-    net = tiny_net(edge_ops=ops)
-    net.set_skip_dropout(0.5)
+    net = tiny_net(edge_ops=ops, skip_dropout=0.5)
+    set_skip_dropout(net, 0.5)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     Architect(net, sgd, order="second").arch_gradients(x, y, x, y)

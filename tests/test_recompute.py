@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from fastdarts.errors import FastDartsError
-from conftest import saved_activation_bytes, tiny_net
-from test_fused_mixed_op import _grads, assert_functional_call_matches
+from helpers import assert_functional_call_matches, loss_and_grads, saved_activation_bytes, tiny_net
 
 BACKENDS = ["reference", "checkpoint", "fused"]
 
@@ -26,7 +25,7 @@ def _pair(backend, **method):
 def test_cell_recompute_gives_the_reference(backend, method):
     ref, net = _pair(backend, **METHODS[method])
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    (loss_r, grads_r), (loss_c, grads_c) = _grads(ref, x, y), _grads(net, x, y)
+    (loss_r, grads_r), (loss_c, grads_c) = loss_and_grads(ref, x, y), loss_and_grads(net, x, y)
     torch.testing.assert_close(loss_c, loss_r, rtol=1e-6, atol=0)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
     for name, gr, gc in zip(names, grads_r, grads_c):
@@ -156,7 +155,7 @@ def test_cell_recompute_gives_the_reference_with_reductions_anywhere(layout):
     net = tiny_net(backend="reference", layout=layout, recompute="cell")
     net.load_state_dict(ref.state_dict())
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    (loss_r, grads_r), (loss_c, grads_c) = _grads(ref, x, y), _grads(net, x, y)
+    (loss_r, grads_r), (loss_c, grads_c) = loss_and_grads(ref, x, y), loss_and_grads(net, x, y)
     assert torch.equal(loss_c, loss_r)
     for gr, gc in zip(grads_r, grads_c):
         torch.testing.assert_close(gc, gr, rtol=1e-6, atol=1e-7)

@@ -7,10 +7,7 @@ import torch
 import fastdarts.search_loop as search_module
 from fastdarts import DARTS_OPS, FastDartsError, Genotype, SearchConfig, search
 from fastdarts.search_loop import cosine_lr
-
-# Small enough for a CPU test, real enough to exercise both cell types and second order.
-TINY = dict(dataset="digits", layout="N,R,N", layers=None, channels=4, steps=2, multiplier=2, batch_size=32,
-            max_steps=3, device="cpu", progress=False)
+from helpers import TINY_SEARCH as TINY
 
 
 def _quiet(_):

@@ -14,6 +14,7 @@ from fastdarts import DARTS_V2, NetworkCIFAR, SearchConfig, SearchNetwork, Train
 from fastdarts.errors import FastDartsError
 from fastdarts.size_check import (check_eval_size, check_fits, check_search_size, check_train_size,
                                   device_memory_bytes, format_bytes)
+from helpers import saved_activation_bytes, tiny_net
 
 GiB, MB = 1 << 30, 10 ** 6
 CIFAR = types.SimpleNamespace(num_classes=10, in_channels=3, image_size=32)   # what the checks read of a Dataset
@@ -42,6 +43,13 @@ def suggested(flag: str, message: str) -> int:
     match = re.search(rf"at most {flag} (\d+) fits", message)
     assert match, message
     return int(match.group(1))
+
+
+# A refusal profiles the supernet on meta several times (what is asked, then the fit of what fits):
+# seconds at the paper's size. The fast tier checks the refusals on a smaller supernet (5 cells of 2
+# steps); the slow tier on the paper's as well.
+SUPERNETS = [pytest.param(dict(layers=5, steps=2, multiplier=2), 5, id="small"),
+             pytest.param({}, 8, id="paper", marks=pytest.mark.slow)]
 
 
 def paper_spec(**changes) -> dict:
@@ -154,32 +162,36 @@ def test_the_check_leaves_the_random_generators_alone(memory):
 
 # ---------------------------------------------------------------- absurd sizes are refused, saying what fits
 
-def test_a_search_with_10_8_channels_is_refused_with_the_channels_that_fit(memory):
-    message = refusal(check_search_size, SearchConfig(channels=100_000_000), CIFAR, "cpu")
-    assert message.startswith("the supernet (C=100000000, 8 cells, batch 64")
+@pytest.mark.parametrize("supernet, cells", SUPERNETS)
+def test_a_search_with_10_8_channels_is_refused_with_the_channels_that_fit(memory, supernet, cells):
+    message = refusal(check_search_size, SearchConfig(**supernet, channels=100_000_000), CIFAR, "cpu")
+    assert message.startswith(f"the supernet (C=100000000, {cells} cells, batch 64")
     assert re.search(r"needs about [\d.]+ [EZY]iB .*more than the 24\.0 GiB available on this CPU", message)
     channels = suggested("--channels", message)
     assert 16 <= channels < 100_000_000
-    check_search_size(SearchConfig(channels=channels), CIFAR, "cpu")           # what fits does fit
-    refusal(check_search_size, SearchConfig(channels=2 * channels), CIFAR, "cpu")
+    check_search_size(SearchConfig(**supernet, channels=channels), CIFAR, "cpu")           # what fits does fit
+    refusal(check_search_size, SearchConfig(**supernet, channels=2 * channels), CIFAR, "cpu")
 
 
-def test_a_search_with_10_5_layers_is_refused_with_the_depth_that_fits(memory):
-    message = refusal(check_search_size, SearchConfig(layers=100_000), CIFAR, "cpu")
+@pytest.mark.parametrize("supernet, cells", SUPERNETS)
+def test_a_search_with_10_5_layers_is_refused_with_the_depth_that_fits(memory, supernet, cells):
+    supernet = dict(supernet, layers=100_000)
+    message = refusal(check_search_size, SearchConfig(**supernet), CIFAR, "cpu")
     assert message.startswith("the supernet (C=16, 100000 cells")
     layers = suggested("--layers", message)
-    assert 8 <= layers < 100_000
-    check_search_size(SearchConfig(layers=layers), CIFAR, "cpu")
-    refusal(check_search_size, SearchConfig(layers=2 * layers), CIFAR, "cpu")
+    assert cells <= layers < 100_000
+    check_search_size(SearchConfig(**dict(supernet, layers=layers)), CIFAR, "cpu")
+    refusal(check_search_size, SearchConfig(**dict(supernet, layers=2 * layers)), CIFAR, "cpu")
 
 
-def test_a_search_with_a_batch_of_10_9_is_refused_with_the_batch_that_fits(memory):
-    message = refusal(check_search_size, SearchConfig(batch_size=10 ** 9), CIFAR, "cpu")
-    assert message.startswith("the supernet (C=16, 8 cells, batch 1000000000")
+@pytest.mark.parametrize("supernet, cells", SUPERNETS)
+def test_a_search_with_a_batch_of_10_9_is_refused_with_the_batch_that_fits(memory, supernet, cells):
+    message = refusal(check_search_size, SearchConfig(**supernet, batch_size=10 ** 9), CIFAR, "cpu")
+    assert message.startswith(f"the supernet (C=16, {cells} cells, batch 1000000000")
     batch = suggested("--batch-size", message)
     assert 64 <= batch < 10 ** 9
-    check_search_size(SearchConfig(batch_size=batch), CIFAR, "cpu")
-    refusal(check_search_size, SearchConfig(batch_size=2 * batch), CIFAR, "cpu")
+    check_search_size(SearchConfig(**supernet, batch_size=batch), CIFAR, "cpu")
+    refusal(check_search_size, SearchConfig(**supernet, batch_size=2 * batch), CIFAR, "cpu")
 
 
 @pytest.mark.parametrize("field, flag", [("channels", "--channels"), ("layers", "--layers")])
@@ -221,29 +233,34 @@ def test_depth_is_not_laid_out_cell_by_cell(memory):
 
 # ---------------------------------------------------------------- a small device
 
-def test_a_100_mb_device_refuses_the_papers_search_and_its_suggested_channels_fit(memory):
-    memory(100 * MB)
-    message = refusal(check_search_size, SearchConfig(), CIFAR, "cpu")
-    assert "more than the 95.4 MiB available on this CPU" in message
+@pytest.mark.parametrize("supernet, megabytes, available", [
+    pytest.param(dict(layers=5, steps=2, multiplier=2), 30, "28.6 MiB", id="small"),      # needs 101.6 MiB
+    pytest.param({}, 100, "95.4 MiB", id="paper", marks=pytest.mark.slow),              # needs 235.9 MiB
+])
+def test_a_small_device_refuses_the_search_and_its_suggested_channels_fit(memory, supernet, megabytes, available):
+    memory(megabytes * MB)
+    message = refusal(check_search_size, SearchConfig(**supernet), CIFAR, "cpu")
+    assert f"more than the {available} available on this CPU" in message
     channels = suggested("--channels", message)
     assert 1 <= channels < 16
-    estimate = check_search_size(SearchConfig(channels=channels), CIFAR, "cpu")
-    assert estimate.total_bytes <= 100 * MB
-    refusal(check_search_size, SearchConfig(channels=2 * channels), CIFAR, "cpu")
+    estimate = check_search_size(SearchConfig(**supernet, channels=channels), CIFAR, "cpu")
+    assert estimate.total_bytes <= megabytes * MB
+    refusal(check_search_size, SearchConfig(**supernet, channels=2 * channels), CIFAR, "cpu")
     # And the batch that fits at C=16.
     batch = suggested("--batch-size", message)
-    assert 1 <= batch < 64 and check_search_size(SearchConfig(batch_size=batch), CIFAR, "cpu").fits
+    assert 1 <= batch < 64 and check_search_size(SearchConfig(**supernet, batch_size=batch), CIFAR, "cpu").fits
     # The reference backend keeps every op's output: at batch 64 not even C=1 fits, nor one image at C=16.
-    message = refusal(check_search_size, SearchConfig(backend="reference"), CIFAR, "cpu")
+    message = refusal(check_search_size, SearchConfig(**supernet, backend="reference"), CIFAR, "cpu")
     assert message.endswith("; no smaller --channels, --layers or --batch-size fits either")
 
 
-def test_ranks_share_the_batch(memory):
-    one = check_search_size(SearchConfig(batch_size=64), CIFAR, "cpu")
-    two = check_search_size(SearchConfig(batch_size=128), CIFAR, "cpu", world_size=2)
+@pytest.mark.parametrize("supernet, cells", SUPERNETS)
+def test_ranks_share_the_batch(memory, supernet, cells):
+    one = check_search_size(SearchConfig(**supernet, batch_size=64), CIFAR, "cpu")
+    two = check_search_size(SearchConfig(**supernet, batch_size=128), CIFAR, "cpu", world_size=2)
     assert one.total_bytes == two.total_bytes
     memory(one.total_bytes - 1)
-    message = refusal(check_search_size, SearchConfig(batch_size=128), CIFAR, "cpu", world_size=2)
+    message = refusal(check_search_size, SearchConfig(**supernet, batch_size=128), CIFAR, "cpu", world_size=2)
     assert "batch 128 over 2 ranks" in message and suggested("--batch-size", message) % 2 == 0
 
 
@@ -271,10 +288,11 @@ def test_the_closed_form_cut_of_a_depth_is_the_cut_of_its_layout():
         assert size_check._standard_cut(layers) == size_check._compress(size_check._standard_layout(layers))
 
 
-def test_the_fit_in_channels_is_exact(memory):
+@pytest.mark.parametrize("supernet, cells", SUPERNETS)
+def test_the_fit_in_channels_is_exact(memory, supernet, cells):
     """Parameters are quadratic and activations affine in C: the fit through
     three small widths gives what a build at another width counts."""
-    sizer = size_check._search_sizer(SearchConfig().checked(), CIFAR, None, 4)
+    sizer = size_check._search_sizer(SearchConfig(**supernet).checked(), CIFAR, None, 4)
     layout, weights = sizer._layout_for(8)
     fit = sizer._fit(layout, weights)
     assert tuple(f(10) for f in fit) == sizer.profile(10, layout).totals(weights)
@@ -282,11 +300,9 @@ def test_the_fit_in_channels_is_exact(memory):
 
 def test_the_counts_match_the_real_network(memory):
     """The meta build counts what a real build holds; the meta forward saves
-    what a real forward saves (the conftest's count on a CPU network, which
+    what a real forward saves (helpers' count on a CPU network, which
     also counts the BatchNorm running statistics autograd saves: the check
     counts those buffers once, with the weights)."""
-    from conftest import saved_activation_bytes, tiny_net
-
     net = tiny_net(backend="reference")
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))
     estimate = check_fits("tiny", lambda: tiny_net(backend="reference"), batch=2, input_shape=(3, 8, 8),

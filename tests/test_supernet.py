@@ -5,7 +5,7 @@ import torch
 
 from fastdarts import FastDartsError, SearchNetwork, reduction_layout
 from fastdarts.supernet import SearchCell, num_edges
-from conftest import tiny_net
+from helpers import tiny_net
 
 
 def test_reduction_layout():

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastdarts import Architect, NetworkCIFAR, DARTS_V2
 from fastdarts.search_loop import search_step
 from fastdarts.train_loop import train_step
-from conftest import tiny_net
+from fastdarts.methods.progressive import set_skip_dropout
+from helpers import tiny_net
 
 aten = torch.ops.aten
 HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
@@ -37,6 +38,17 @@ class NoHostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """What these tests check is which ops a step runs, not their numbers: one intra-op thread. With
+    more, every op of a step under the dispatch mode (or on meta) wakes OpenMP workers that spin for
+    a core; on a busy 2-core machine a step then took a minute instead of a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _step_counters(*optimizers):
     return [s["step"] for opt in optimizers for s in opt.state.values() if "step" in s]
 
@@ -51,9 +63,26 @@ METHODS = {"darts": {}, "pc-darts": dict(partial_channels=2, edge_norm=True), "d
            "p-darts": dict(edge_ops=_PDARTS_OPS, skip_dropout=0.3)}
 
 
+def _grid(fast=None):
+    """Every backend x order x method; those not in ``fast`` (None: all) only in the slow tier."""
+    return [pytest.param(backend, order, method, id=f"{backend}-{order}-{method}",
+                         marks=() if fast is None or (backend, order, method) in fast else (pytest.mark.slow,))
+            for backend in BACKENDS for order in ("first", "second") for method in METHODS]
+
+
+# Two steps on meta take seconds (its kernels are Python decompositions): the fast tier runs each
+# backend, order and method there once; the host-read test below checks every combination.
+META_FAST = {("checkpoint", "first", "darts"), ("fused", "second", "pc-darts"), ("reference", "first", "darts-"),
+             ("fused", "first", "p-darts")}
+# A second-order step on meta: about 10 s (fused-second-pc-darts above is the fast tier's).
+SECOND_SLOW = pytest.param("second", marks=pytest.mark.slow)
+
+
 def _search_setup(backend, order, device, recompute="edge", skip_dropout=None, **method):
-    net = tiny_net(backend=backend, recompute=recompute, **method).to(device)
-    net.set_skip_dropout(skip_dropout)
+    dropout = {} if skip_dropout is None else dict(skip_dropout=skip_dropout)  # the edges carry the term
+    net = tiny_net(backend=backend, recompute=recompute, **method, **dropout).to(device)
+    if skip_dropout is not None:
+        set_skip_dropout(net, skip_dropout)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(net, sgd, order=order)
     x = torch.randn(8, 3, 8, 8).to(device)
@@ -61,9 +90,7 @@ def _search_setup(backend, order, device, recompute="edge", skip_dropout=None, *
     return net, sgd, architect, (x, y)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("order", ["first", "second"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, order, method", _grid(META_FAST))
 def test_search_step_runs_on_the_meta_device(backend, order, method):
     net, sgd, architect, batch = _search_setup(backend, order, "meta", **METHODS[method])
     for _ in range(2):  # the second step runs with momentum buffers and Adam state
@@ -71,16 +98,14 @@ def test_search_step_runs_on_the_meta_device(backend, order, method):
     assert logits.device.type == "meta" and net.alpha_normal.device.type == "meta"
 
 
-@pytest.mark.parametrize("order", ["first", "second"])
+@pytest.mark.parametrize("order", ["first", SECOND_SLOW])
 def test_search_step_with_cell_recompute_runs_on_the_meta_device(order):
     net, sgd, architect, batch = _search_setup("fused", order, "meta", recompute="cell")
     for _ in range(2):
         search_step(net, architect, sgd, batch, batch, 5.0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("order", ["first", "second"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, order, method", _grid())
 def test_search_step_has_no_host_read(backend, order, method):
     net, sgd, architect, batch = _search_setup(backend, order, "cpu", **METHODS[method])
     search_step(net, architect, sgd, batch, batch, 5.0)  # creates the optimiser state
@@ -152,7 +177,7 @@ def test_train_step_has_no_host_read():
         train_step(net, sgd, x, y, auxiliary_weight=0.4, grad_clip=5.0, bf16=False)
 
 
-@pytest.mark.parametrize("order", ["first", "second"])
+@pytest.mark.parametrize("order", ["first", SECOND_SLOW])
 def test_the_cuda_graph_optimisers_read_nothing_on_the_host(order):
     """Under --cuda-graph the weights' learning rate is a device tensor that
     the virtual step and DeviceLrSGD use without reading it (torch's SGD would)."""

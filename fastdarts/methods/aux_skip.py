@@ -15,11 +15,17 @@ loop fills each epoch: no host value is baked into a step.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import FastDartsError
+from ..fused_mixed_op import fused_single_op
+from ..method import Option, SearchMethod, register_method
+from ..mixed_op_reference import running_stats_frozen_context
 from ..ops import FactorizedReduce, Identity
 
 
@@ -44,13 +50,58 @@ def aux_output(aux: nn.Module, backend: str, x: torch.Tensor, weight: torch.Tens
     if type(aux) is Identity:
         return weight * x  # keeps x, which the edge keeps anyway
     if backend == "fused":
-        from ..fused_mixed_op import fused_single_op
-
         return fused_single_op(aux, x, weight.reshape(1), stride=2)
     if backend == "checkpoint" and torch.is_grad_enabled():
-        from ..mixed_op import running_stats_frozen_context
-
         names, params = zip(*aux.named_parameters())
         return checkpoint(_aux_with_params, aux, list(names), x, weight, *params, use_reentrant=False,
                           preserve_rng_state=False, context_fn=lambda: running_stats_frozen_context(aux))
     return weight * aux(x)
+
+
+@register_method
+class AuxiliarySkip(SearchMethod):
+    """The auxiliary skip as an edge term, weighted by the network's ``aux_skip_weight`` buffer."""
+
+    name = "aux-skip"
+    options = (Option("aux_skip", False, "DARTS-: every mixed op adds an auxiliary skip connection weighted "
+                      "1 - t/E in epoch t of E (FactorizedReduce on stride-2 edges)", kind="flag"),)
+
+    @classmethod
+    def check(cls, config, from_preset):
+        return dict(aux_skip=bool(config.aux_skip))
+
+    def setup_network(self, model) -> list:
+        # β_t, filled each epoch (a tensor: nothing baked into a step); not in the
+        # state_dict, since the epoch decides it.
+        model.register_buffer("aux_skip_weight", torch.ones(()), persistent=False)
+        return []
+
+    def attach_to_edge(self, edge, C: int, stride: int) -> None:
+        edge.auxiliary_op = make_aux_op(C, stride)  # before the ops, as DARTS-' code registers it
+
+    def add_to_edge(self, edge, x, y, split, scale, extras, params: Sequence[torch.Tensor] | None = None):
+        weight = extras.get("aux_skip_weight")
+        if weight is None:  # a discrete sub-network (op weights given): no auxiliary skip
+            return y
+        if scale is not None:
+            weight = weight * scale
+        if params is not None:  # a recompute: the forward's tensors, the reference's arithmetic
+            names = [n for n, _ in edge.auxiliary_op.named_parameters()]
+            return y + weight * functional_call(edge.auxiliary_op, dict(zip(names, params)), (x,))
+        return y + aux_output(edge.auxiliary_op, edge.backend, x, weight)
+
+    def term_parameters(self, edge) -> list:
+        return list(edge.auxiliary_op.named_parameters())
+
+    def forward_extras(self, model) -> dict:
+        return {"aux_skip_weight": model.aux_skip_weight}
+
+    def network_epoch(self, model, seed, epoch, epochs, stage_epoch) -> None:
+        if epochs is None:
+            raise FastDartsError("the auxiliary skip's β_t needs the number of epochs: start_epoch(seed, epoch, epochs)")
+        with torch.no_grad():
+            model.aux_skip_weight.fill_(aux_skip_weight(epoch if stage_epoch is None else stage_epoch, epochs))
+
+    def epoch_figures(self, run, entry: dict) -> dict:
+        stage_epoch = entry.get("stage_epoch", entry["epoch"]) - 1
+        return {"aux_skip_weight": aux_skip_weight(stage_epoch, self.config.epochs)}

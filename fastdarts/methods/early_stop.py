@@ -1,5 +1,4 @@
-"""DARTS+ early stopping (Liang et al., 2019; SPEC §8) and the per-epoch
-measures of how the α ranking moves.
+"""DARTS+ early stopping (Liang et al., 2019; SPEC §8).
 
 Criteria (``--early-stop``, several may be given):
 - ``skip:M``: stop at the end of the first epoch whose derived normal cell
@@ -8,20 +7,18 @@ Criteria (``--early-stop``, several may be given):
   of both cell types (and so the derived genotype's op choice) has not
   changed for E consecutive epochs.
 
-Measures every search records per epoch: ``skip_connects`` (normal cell),
-``rank_unchanged_epochs`` and ``alpha_rank_tau`` (mean over the edges of
-both cell types of the Kendall τ between this epoch's and the previous
-epoch's ranking of all ops). Everything is derived from the α history, so a
-resumed run continues the counts exactly.
+The criteria read the measures every search records per epoch
+(``rank_stats.rank_measures``, ``skip_connects``): ``skip_connects`` (normal
+cell), ``rank_unchanged_epochs`` and ``alpha_rank_tau``. Everything is
+derived from the α history, so a resumed run continues the counts exactly.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from ..errors import FastDartsError
-from ..genotype import Genotype
-from ..rank_stats import kendall_tau
+from ..method import Option, SearchMethod, register_method
+from ..rank_stats import is_parametric, rank_measures, skip_connects  # noqa: F401  (re-exported)
 
 CRITERIA = ("skip", "stable")
 
@@ -55,37 +52,6 @@ def canonical(criteria: dict[str, int]) -> str | None:
     return ",".join(f"{k}:{criteria[k]}" for k in CRITERIA if k in criteria) or None
 
 
-def is_parametric(op: str) -> bool:
-    return op.startswith(("sep_conv", "dil_conv", "conv_"))
-
-
-def _ranking(row: Sequence[float], ops: Sequence[int]) -> tuple[int, ...]:
-    """The ops, strongest first (ties: earlier op first)."""
-    return tuple(sorted(ops, key=lambda k: (-row[k], k)))
-
-
-def rank_measures(previous: dict[str, list[list[float]]], current: dict[str, list[list[float]]],
-                  op_names: Sequence[str] | dict[str, Sequence[Sequence[str]]], unchanged_before: int) -> dict:
-    """``alpha_rank_tau`` and ``rank_unchanged_epochs`` of an epoch, from the
-    op weights (softmax α, per cell type) before and after it. ``op_names``:
-    the ops of α's columns, or per cell type one list per edge (P-DARTS)."""
-    taus, same = [], True
-    for cell in ("normal", "reduce"):
-        rows = current[cell]
-        names = [op_names] * len(rows) if not isinstance(op_names, dict) else op_names[cell]
-        for before, after, ops in zip(previous[cell], rows, names):
-            parametric = [k for k, op in enumerate(ops) if is_parametric(op)]
-            tau = kendall_tau(before, after)
-            taus.append(1.0 if math.isnan(tau) else tau)  # a constant row: nothing moved
-            if _ranking(before, parametric) != _ranking(after, parametric):
-                same = False
-    return dict(alpha_rank_tau=sum(taus) / len(taus), rank_unchanged_epochs=unchanged_before + 1 if same else 0)
-
-
-def skip_connects(genotype: Genotype) -> int:
-    return sum(op == "skip_connect" for op, _ in genotype.normal)
-
-
 def stop_reason(criteria: dict[str, int], entry: dict) -> str | None:
     """Why the search stops after this epoch's ``entry``, or None."""
     reasons = []
@@ -96,3 +62,25 @@ def stop_reason(criteria: dict[str, int], entry: dict) -> str | None:
         reasons.append(f"early stop (stable:{criteria['stable']}): the parametric ops' ranking has not changed "
                        f"for {entry['rank_unchanged_epochs']} epochs")
     return "; ".join(reasons) or None
+
+
+@register_method
+class EarlyStop(SearchMethod):
+    """Stops the search (or a stage of it) once a criterion holds after an epoch."""
+
+    name = "early-stop"
+    options = (Option("early_stop", None, "DARTS+: skip:M stops after the first epoch whose normal cell holds M "
+                      "skip connections; stable:E once the parametric ops' ranking on every edge held for E epochs. "
+                      "May be given twice or as skip:2,stable:10; the stopping epoch's genotype is the result",
+                      kind="list", metavar="CRITERION"),)
+
+    @classmethod
+    def check(cls, config, from_preset):
+        return dict(early_stop=canonical(parse_early_stop(config.early_stop)))
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.criteria = parse_early_stop(config.early_stop)
+
+    def stop_reason(self, run, entry: dict) -> str | None:
+        return stop_reason(self.criteria, entry)

@@ -28,11 +28,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDartsError
-from ..mixed_op import DEFAULT_BACKEND, MixedOp, _reference_with_params
+from ..method import Option, SearchMethod, register_method
+from ..mixed_op import DEFAULT_BACKEND, MixedOp
+from ..mixed_op_checkpoint import PATHS_UNSUPPORTED
+from ..mixed_op_reference import reference_with_params, running_stats_frozen_context
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,27 +101,27 @@ def _edge_reference(edge: "PartialChannelMixedOp", y1: torch.Tensor, x2: torch.T
     return y if scale is None else scale * y  # the original's weights2[j] * edge(x)
 
 
-def _edge_checkpointed(edge: "PartialChannelMixedOp", names: list[list[str]], aux_names: list[str],
-                       x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None,
-                       aux_weight: torch.Tensor | None, dropped_skip: torch.Tensor | None,
-                    *params: torch.Tensor) -> torch.Tensor:
+def _edge_checkpointed(edge: "PartialChannelMixedOp", names: list[list[str]], term_names: list[list[str]],
+                       x: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None, extras: dict | None,
+                       splits: list, n_term_params: list[int], *params: torch.Tensor) -> torch.Tensor:
     x1, x2 = edge.split(x)
     n_ops = sum(len(n) for n in names)
-    y1 = _reference_with_params(edge, names, x1, weights, *params[:n_ops])
-    if dropped_skip is not None:  # drawn outside, so the recompute sees the forward's mask
-        y1 = y1 + dropped_skip
-    if aux_weight is not None:
-        y1 = y1 + aux_weight * functional_call(edge.auxiliary_op, dict(zip(aux_names, params[n_ops:])), (x1,))
+    y1 = reference_with_params(edge, names, x1, weights, *params[:n_ops])
+    # The terms' parts drawn outside (a dropout mask) are in `splits`, so the recompute sees the forward's.
+    rest, term_params = iter(params[n_ops:]), []
+    for n in n_term_params:
+        term_params.append([next(rest) for _ in range(n)])
+    y1 = edge.add_terms(x1, y1, splits, None, extras, term_params)
     return _edge_reference(edge, y1, x2, scale)
 
 
 class PartialChannelMixedOp(MixedOp):
-    """A PC-DARTS edge for C channels: the candidate ops see the first C/K."""
+    """A PC-DARTS edge for C channels: the candidate ops (and the edge terms) see the first C/K."""
 
     def __init__(self, C: int, stride: int, op_names: Sequence[str], backend: str = DEFAULT_BACKEND, k: int = 4,
-                 aux_skip: bool = False):
+                 terms: Sequence = ()):
         check_partial_channels(k, C)
-        super().__init__(C // k, stride, op_names, backend, aux_skip)
+        super().__init__(C // k, stride, op_names, backend, terms)
         self.k = k
         self.mp = nn.MaxPool2d(2, 2, ceil_mode=True)
 
@@ -128,32 +130,29 @@ class PartialChannelMixedOp(MixedOp):
         return x[:, :c], x[:, c:]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, paths: tuple[int, ...] | None = None,
-                scale: torch.Tensor | None = None, aux_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``aux_weight``: DARTS-' β_t; its auxiliary skip sits inside the mixed op (on the C/K channels)."""
+                scale: torch.Tensor | None = None, extras: dict | None = None) -> torch.Tensor:
         x1, x2 = self.split(x)
         if self.backend == "reference":
-            return _edge_reference(self, self.mixed(x1, weights, paths, aux_weight), x2, scale)
+            return _edge_reference(self, self.mixed(x1, weights, paths, None, extras), x2, scale)
         if self.backend == "checkpoint":
             if paths is not None:
-                raise FastDartsError("path sampling does not run on the checkpoint backend; "
-                                     "use --backend fused or reference")
+                raise FastDartsError(PATHS_UNSUPPORTED)
             if not torch.is_grad_enabled():
-                return _edge_reference(self, self.mixed(x1, weights, None, aux_weight), x2, scale)
-            from ..mixed_op import running_stats_frozen_context
-
+                return _edge_reference(self, self.mixed(x1, weights, None, None, extras), x2, scale)
             named = [list(op.named_parameters()) for op in self.ops]
-            aux = list(self.auxiliary_op.named_parameters()) if aux_weight is not None else []
+            terms = self.term_parameters()
             # Drawn here, outside the checkpoint: its recompute draws nothing (preserve_rng_state=False).
-            weights, dropped_skip = self.split_skip_dropout(x1, weights, None)
-            return checkpoint(_edge_checkpointed, self, [[n for n, _ in ps] for ps in named], [n for n, _ in aux],
-                              x, weights, scale, aux_weight, dropped_skip, *(p for ps in named for _, p in ps),
-                              *(p for _, p in aux), use_reentrant=False, preserve_rng_state=False,
+            weights, splits = self.split_terms(x1, weights, None)
+            return checkpoint(_edge_checkpointed, self, [[n for n, _ in ps] for ps in named],
+                              [[n for n, _ in ps] for ps in terms], x, weights, scale, extras, splits,
+                              [len(ps) for ps in terms], *(p for ps in named for _, p in ps),
+                              *(p for ps in terms for _, p in ps), use_reentrant=False, preserve_rng_state=False,
                               context_fn=lambda: running_stats_frozen_context(self))
-        # fused: β folded into the op weights, the bypass scaled by a Function that keeps only its input.
+        # fused: the edge's weight folded into the op weights, the bypass scaled by a Function that keeps only
+        # its input.
         if scale is not None:
             weights = weights * scale
-            aux_weight = None if aux_weight is None else aux_weight * scale
-        y1 = self.mixed(x1, weights, paths, aux_weight)
+        y1 = self.mixed(x1, weights, paths, scale, extras)
         if scale is None:
             y2 = ScaledBypass.apply(x2, _one(x2), 2) if self.stride == 2 else x2
         else:
@@ -166,3 +165,27 @@ class PartialChannelMixedOp(MixedOp):
 
 def _one(x: torch.Tensor) -> torch.Tensor:
     return torch.ones((), dtype=x.dtype, device=x.device)
+
+
+@register_method
+class PartialChannels(SearchMethod):
+    """PC-DARTS' partial channel connections: every edge a ``PartialChannelMixedOp``."""
+
+    name = "partial-channels"
+    options = (Option("partial_channels", 1, "PC-DARTS: the ops of an edge see 1/K of its channels",
+                      kind="positive_int", metavar="K"),)
+
+    @classmethod
+    def check(cls, config, from_preset):
+        return dict(partial_channels=check_partial_channels(config.partial_channels, config.channels))
+
+    @classmethod
+    def channel_step(cls, config) -> int:
+        return config.partial_channels
+
+    def check_network(self, model, C, backend) -> None:
+        if C is not None:
+            check_partial_channels(self.config.partial_channels, C)
+
+    def build_edge(self, C, stride, op_names, backend, terms):
+        return PartialChannelMixedOp(C, stride, op_names, backend, k=self.config.partial_channels, terms=terms)

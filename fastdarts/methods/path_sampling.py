@@ -1,6 +1,6 @@
 """ProxylessNAS' path sampling (Cai et al., ICLR 2019; SPEC §8).
 
-``SearchNetwork(sample_paths=N)`` evaluates each edge on sampled ops only:
+``SearchNetwork(sample_paths=N)`` (``--sample-paths N``) evaluates each edge on sampled ops only:
 
 - weight step (α frozen): one op per edge drawn from p = softmax(α), computed
   alone (the original's ``MODE = None``);
@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastDartsError
+from ..method import Option, SearchMethod, register_method
+from ..mixed_op_checkpoint import PATHS_UNSUPPORTED
+from ..size_check import heaviest_ops
 
 
 class _StraightThroughOneHot(torch.autograd.Function):
@@ -137,3 +140,87 @@ class PathSampler:
             offset = torch.logsumexp(alpha.gather(1, index), -1) - torch.logsumexp(old.gather(1, index), -1)
             alpha.scatter_(1, index, alpha.gather(1, index) - offset.unsqueeze(1))
         self.last_arch_sample = None
+
+
+class FixedPaths:
+    """A stand-in for ``PathSampler`` in the meta forward (the real one reads
+    α on the host): every edge runs its ``n`` ops with the most parameters,
+    gated by softmax(α) over them, as a sampled architecture pass does."""
+
+    def __init__(self, edge_ops: dict, n: int):
+        self.paths = {}
+        for cell, lists in edge_ops.items():
+            self.paths[cell] = tuple(tuple(ops.index(o) for o in heaviest_ops(ops, n)) for ops in lists)
+
+    def sample(self, alphas, mode):
+        out = []
+        for alpha, cell in zip(alphas, ("normal", "reduce")):
+            paths = self.paths[cell]
+            index = torch.tensor(paths, device=alpha.device)
+            out.append((F.softmax(alpha.gather(1, index), dim=-1), paths))
+        return out
+
+
+@register_method
+class PathSampling(SearchMethod):
+    """The op weights of every edge from sampled paths (``PathSampler``), and the update rules of α after Adam."""
+
+    name = "path-sampling"
+    options = (Option("sample_paths", 0, "ProxylessNAS: the weight step computes one sampled op per edge, the "
+                      "architecture step N (1..ops-1; first order only)", kind="positive_int", metavar="N"),)
+
+    @classmethod
+    def check(cls, config, from_preset):
+        return dict(sample_paths=check_sample_paths(config.sample_paths, len(config.ops.split(","))))
+
+    @classmethod
+    def incompatible(cls, config) -> str | None:
+        if config.order == "second":
+            return "path sampling (sample-paths) has a first-order architecture step only; use --order first"
+        if config.backend == "checkpoint":
+            return PATHS_UNSUPPORTED
+        fewest = min(ops for _, ops in config.stage_layouts())
+        if config.sample_paths >= fewest:
+            return (f"sample-paths {config.sample_paths} needs more ops per edge than the last stage's "
+                    f"{fewest}")
+        if config.cuda_graph:
+            return ("--cuda-graph cannot capture path sampling: its paths are drawn on the host every step; "
+                    "run without --cuda-graph")
+        return None
+
+    def check_network(self, model, C, backend) -> None:
+        check_sample_paths(self.config.sample_paths, len(model.edge_ops["normal"][0]))
+        if backend == "checkpoint":
+            raise FastDartsError(PATHS_UNSUPPORTED)
+
+    def first_order_only(self, model) -> bool:
+        return True
+
+    def setup_network(self, model) -> list:
+        model.path_sampler = PathSampler(self.config.sample_paths)
+        return []
+
+    def op_weights(self, model, alphas):
+        mode = ("chosen" if not model.training else
+                "arch" if torch.is_grad_enabled() and model.alpha_normal.requires_grad else "weight")
+        return model.path_sampler.sample(alphas, mode)
+
+    def network_epoch(self, model, seed, epoch, epochs, stage_epoch) -> None:
+        model.path_sampler.start_epoch(seed, epoch)
+
+    def before_arch_update(self, model, optimizer):
+        return model.path_sampler.snapshot([model.alpha_normal, model.alpha_reduce], optimizer)
+
+    def after_arch_update(self, model, optimizer, saved) -> None:
+        # Per cell type, per edge: the column of `none` (-1: the edge does not hold it).
+        none = [[ops.index("none") if "none" in ops else -1 for ops in model.edge_ops[cell]]
+                for cell in ("normal", "reduce")]
+        model.path_sampler.after_arch_update([model.alpha_normal, model.alpha_reduce], optimizer, saved, none)
+
+    def prepare_size_estimate(self, model) -> None:
+        model.path_sampler = FixedPaths(model.edge_ops, self.config.sample_paths)
+
+    def start_run(self, run) -> None:
+        if self.config.sample_paths == 1:
+            run.log("note: with --sample-paths 1 the architecture gradient Σ_j g_j q_j (δ_ij − q_i) over one path "
+                    "is zero, so α moves only by weight decay; ProxylessNAS samples 2")

@@ -27,13 +27,20 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import FastDartsError
+import torch
+import torch.nn.functional as F
 
-CELLS = ("normal", "reduce")
+from ..data.loader import mix_seed
+from ..edge_ops import CELLS, EdgeOps, check_edge_ops, full_edge_ops  # noqa: F401  (re-exported)
+from ..errors import FastDartsError
+from ..genotype import CellSelector, num_edges, select_edges
+from ..layout import layout_string, reduction_layout
+from ..method import Option, SearchMethod, register_method
+
 # The original's exponential decay of the dropout rate once α is trained.
 _DECAY = 0.2
-
-EdgeOps = dict[str, tuple[tuple[str, ...], ...]]
+# mix_seed's pass number of the dropout masks' seed (the loader's passes are 0, 1, ...).
+DROPOUT_PASS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -103,43 +110,6 @@ def skip_dropout_rate(p0: float, epoch: int, epochs: int, warmup_epochs: int) ->
     return p0 * math.exp(-(epoch - warmup_epochs) * _DECAY)
 
 
-def full_edge_ops(op_names: Sequence[str], num_edges: int) -> EdgeOps:
-    """Every edge of both cell types holding every op (DARTS, the first stage)."""
-    return {cell: (tuple(op_names),) * num_edges for cell in CELLS}
-
-
-def check_edge_ops(edge_ops, op_names: Sequence[str], num_edges: int) -> EdgeOps:
-    """``edge_ops`` (None: every op on every edge) validated and as tuples."""
-    if edge_ops is None:
-        return full_edge_ops(op_names, num_edges)
-    if not isinstance(edge_ops, dict) or set(edge_ops) != set(CELLS):
-        raise FastDartsError("edge_ops must map 'normal' and 'reduce' to one op list per edge")
-    out, width = {}, None
-    for cell in CELLS:
-        lists = edge_ops[cell]
-        if isinstance(lists, str) or len(lists) != num_edges:
-            raise FastDartsError(f"edge_ops[{cell!r}] must hold {num_edges} op lists (one per edge), "
-                                 f"got {len(lists) if not isinstance(lists, str) else lists!r}")
-        rows = []
-        for e, ops in enumerate(lists):
-            ops = (ops,) if isinstance(ops, str) else tuple(ops)
-            where = f"edge_ops[{cell!r}] edge {e}"
-            unknown = [op for op in ops if op not in op_names]
-            if unknown:
-                raise FastDartsError(f"{where} names {unknown}, not in the op set {list(op_names)}")
-            if list(ops) != sorted(set(ops), key=op_names.index):
-                raise FastDartsError(f"{where} {list(ops)} must list distinct ops in op-set order")
-            if all(op == "none" for op in ops):
-                raise FastDartsError(f"{where} holds only 'none'; an edge needs another op to be derivable")
-            width = len(ops) if width is None else width
-            if len(ops) != width:
-                raise FastDartsError(f"{where} holds {len(ops)} ops, other edges {width}; every edge holds "
-                                     f"the same number (α is one row per edge)")
-            rows.append(ops)
-        out[cell] = tuple(rows)
-    return out
-
-
 def _min_k(values: Sequence[float], k: int) -> list[int]:
     """Indices of the k smallest values, repeated argmin (ties: earlier first), as ``get_min_k``."""
     values, out = list(values), []
@@ -181,8 +151,6 @@ def limit_skip_connects(weights: Sequence[Sequence[float]], edge_ops: Sequence[S
     while the derived cell has more, the chosen skip connection with the
     smallest weight gets weight 0 and the cell is derived again (so that edge
     takes its next op, or loses its place to a stronger edge)."""
-    from ..genotype import num_edges, select_edges
-
     weights = [list(map(float, row)) for row in weights]
     starts = [num_edges(node) for node in range(steps)]
     for _ in range(sum(len(ops) for ops in edge_ops) + 1):
@@ -197,3 +165,159 @@ def limit_skip_connects(weights: Sequence[Sequence[float]], edge_ops: Sequence[S
         weights[edge][edge_ops[edge].index("skip_connect")] = 0.0
     raise FastDartsError(f"cannot limit the normal cell to {max_skip} skip connection(s): some nodes have no "
                          f"other op left to take")
+
+
+def max_skip_selector(max_skip: int) -> CellSelector:
+    """``derive_genotype``'s ``select_cell`` that keeps at most ``max_skip``
+    skip connections in the normal cell (``limit_skip_connects``)."""
+    check_max_skip(max_skip)
+
+    def select(cell, weights, edge_ops, steps):
+        return limit_skip_connects(weights, edge_ops, steps, max_skip) if cell == "normal" else None
+
+    return select
+
+
+def check_max_skip(max_skip) -> int | None:
+    if max_skip is not None and (isinstance(max_skip, bool) or not isinstance(max_skip, int) or max_skip < 0):
+        raise FastDartsError(f"max-skip must be a non-negative integer, got {max_skip!r}")
+    return max_skip
+
+
+# -- skip dropout on an edge ---------------------------------------------------------------
+def set_skip_dropout(model: torch.nn.Module, rate: float | None) -> None:
+    """The dropout rate after every stride-1 skip connection of ``model``'s
+    edges (None: off, no random draws); the edges must carry the term
+    (a network whose ``--stages`` or ``--skip-dropout`` is set)."""
+    edges = [m for m in model.modules() if hasattr(m, "skip_index")]
+    if not edges:
+        raise FastDartsError("this network's edges have no skip dropout (build it with the progressive method's "
+                             "options, e.g. stages= or skip_dropout=)")
+    for edge in edges:
+        edge.skip_dropout = None if rate is None else float(rate)
+
+
+@register_method
+class Progressive(SearchMethod):
+    """P-DARTS: stages of deeper supernets with fewer ops, skip dropout, at most M skip connections."""
+
+    name = "progressive"
+    options = (
+        Option("stages", None, "P-DARTS: stages of a progressive search, each a new supernet of CELLS cells whose "
+               "edges hold OPS ops (the first stage all; between stages every edge keeps its strongest); "
+               "--epochs is per stage. 20:8 grows the depth without pruning", metavar="CELLS:OPS,..."),
+        Option("skip_dropout", None, "P-DARTS: initial dropout rate after skip_connect in each stage, decayed "
+               "within the stage", metavar="P,..."),
+        Option("max_skip", None, "P-DARTS: the final normal cell keeps at most M skip connections",
+               kind="non_negative_int", metavar="M"),
+    )
+
+    @classmethod
+    def check(cls, config, from_preset):
+        check_max_skip(config.max_skip)
+        if config.stages is None:
+            if config.skip_dropout is not None:
+                raise FastDartsError("skip-dropout gives one rate per stage; it needs --stages")
+            return {}
+        for name in ("layout", "layers"):
+            if getattr(config, name) is not None:
+                raise FastDartsError(f"--stages sets each stage's cells; drop --{name} (or give the stages' cells)")
+        stages = parse_stages(config.stages, len(config.ops.split(",")))
+        if "skip_dropout" in from_preset and len(config.skip_dropout.split(",")) != len(stages):
+            raise FastDartsError(f"the {config.method} preset's skip-dropout {config.skip_dropout} has one rate for "
+                                 f"each of its stages; for --stages {config.stages} give --skip-dropout with "
+                                 f"{len(stages)} rate(s)")
+        rates = parse_rates(config.skip_dropout, len(stages))
+        if len(stages) > 1 and config.arch_warmup_epochs >= config.epochs:
+            raise FastDartsError(f"arch-warmup-epochs {config.arch_warmup_epochs} covers every one of the "
+                                 f"{config.epochs} epochs of a stage: α would never be trained before the ops are "
+                                 f"pruned by it; give more --epochs or fewer --arch-warmup-epochs")
+        return dict(stages=stages_string(stages), skip_dropout=",".join(map(str, rates)))
+
+    @classmethod
+    def incompatible(cls, config) -> str | None:
+        if not config.cuda_graph or config.stages is None:
+            return None
+        if not any(parse_rates(config.skip_dropout, 1 + config.stages.count(","))):
+            return None  # no stage drops anything
+        if config.order == "second":
+            return ("--cuda-graph cannot capture the second-order step with skip dropout: w+ and w- must see the "
+                    "same masks, which needs the generator state restored inside the step; use --order first "
+                    "(P-DARTS' own) or run without --cuda-graph")
+        if config.recompute == "cell":
+            return ("--cuda-graph cannot capture --recompute cell with skip dropout: the recompute restores the "
+                    "generator state to redraw the masks; use --recompute edge")
+        return None
+
+    @classmethod
+    def stage_plan(cls, config) -> list[tuple[str, int]] | None:
+        if config.stages is None:
+            return None
+        return [(layout_string(reduction_layout(st.cells)), st.ops)
+                for st in parse_stages(config.stages, len(config.ops.split(",")))]
+
+    def __init__(self, config):
+        super().__init__(config)
+        stages = getattr(config, "stages", None)
+        # The initial dropout rate of each stage (a run without stages has none).
+        self.rates = None if stages is None else parse_rates(config.skip_dropout, 1 + str(stages).count(","))
+
+    # -- the edge term: dropout after the skip connection (stride 1 only: on stride 2 it is a FactorizedReduce)
+    def attach_to_edge(self, edge, C: int, stride: int) -> None:
+        edge.skip_dropout = None  # the current rate, set each epoch (set_skip_dropout); None: no draws
+        edge.skip_index = edge.op_names.index("skip_connect") if "skip_connect" in edge.op_names and stride == 1 \
+            else None
+
+    def split_edge(self, edge, x, weights, paths):
+        """With skip dropout on (training), the skip connection's term
+        ``w·dropout(x)`` computed apart, and ``weights`` with that op's weight 0
+        for the backend: every backend (and any recompute) then sees the one
+        dropout mask autograd keeps, drawn once per forward."""
+        if edge.skip_dropout is None or not edge.training or edge.skip_index is None:
+            return weights, None
+        position = (edge.skip_index if paths is None else
+                    next((i for i, k in enumerate(paths) if k == edge.skip_index), None))
+        if position is None:
+            return weights, None
+        dropped = F.dropout(x, edge.skip_dropout, training=True)
+        if paths is not None and position != 0:
+            dropped = dropped.detach()  # an inactive path: its gate gradient only
+        term = weights[position] * dropped
+        mask = torch.ones(len(weights), dtype=weights.dtype, device=weights.device)
+        mask[position] = 0
+        return weights * mask, term
+
+    def add_to_edge(self, edge, x, y, split, scale, extras, params=None):
+        return y if split is None else y + split
+
+    def edge_draws_random_numbers(self, edge) -> bool:
+        return edge.skip_dropout is not None and edge.skip_index is not None
+
+    # -- the loop -------------------------------------------------------------------
+    def start_epoch(self, run, epoch: int, stage_epoch: int) -> dict:
+        if self.rates is None:
+            return {}
+        p0, cfg = self.rates[run.stage], self.config
+        rate = None if p0 == 0 else skip_dropout_rate(p0, stage_epoch, cfg.epochs, cfg.arch_warmup_epochs)
+        set_skip_dropout(run.model, rate)
+        if rate is not None:
+            # The dropout masks come from the global generator: seeded per epoch (and rank: each its own
+            # masks), so a resumed run draws the same.
+            torch.manual_seed(mix_seed(cfg.seed, epoch, DROPOUT_PASS + run.dist.rank))
+        return {"skip_dropout": rate}
+
+    def next_stage_edges(self, run, alphas: dict, keep: int) -> dict:
+        # Each edge keeps its strongest ops by softmax(α) for the next stage.
+        return drop_ops(run.edge_ops, alphas, keep)
+
+    # -- derivation -----------------------------------------------------------------
+    def select_cell(self, cell, weights, edge_ops, steps):
+        max_skip = self.config.max_skip
+        if cell != "normal" or max_skip is None:
+            return None
+        return limit_skip_connects(weights, edge_ops, steps, max_skip)
+
+    def describe_final(self, genotype, unlimited) -> str | None:
+        if self.config.max_skip is None or genotype == unlimited:
+            return None
+        return f"normal cell limited to {self.config.max_skip} skip connections"

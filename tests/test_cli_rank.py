@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-import fastdarts.rank_disorder as rank_module
+import fastdarts.cli_rank as rank_module
 from fastdarts.errors import FastDartsError
 from fastdarts.genotype import Genotype, genotype_op_weights
-from fastdarts.rank_disorder import (alpha_score, architecture_key, count_genotypes, random_genotype, rank_main,
+from fastdarts.cli_rank import (alpha_score, architecture_key, count_genotypes, random_genotype, rank_main,
                                      sample_genotypes, scoring_loaders, subnetwork_weights, supernet_score)
 from fastdarts.rank_stats import kendall_tau, sparse_kendall_tau, spearman_rho
 from fastdarts.search_loop import load_search, search

@@ -447,7 +447,7 @@ def rank(config: RankConfig | None = None, *, log: Callable[[str], None] = print
     search_config, dataset, model = load_search(config.run_dir, data=config.data, device=config.device,
                                                 backend=config.backend)
     _check_image_size(config, dataset)
-    derived = model.genotype(max_skip=search_config.max_skip)  # the search's result, as its genotype.json
+    derived = model.genotype(final=True)  # the search's result, as its genotype.json
     genotypes = [derived] + sample_genotypes(model.edge_ops, model.steps, model.multiplier, config.num_archs,
                                              config.seed, exclude=[derived])
     _check_same_architectures(finished, genotypes, path)
