@@ -171,6 +171,30 @@ def test_the_probe_compares_the_backward_whatever_the_mode_of_the_first_caller(m
         assert re.match(reason, backend._probe("cpp", CPU))
 
 
+def test_a_first_fused_call_inside_a_checkpoint_recompute_probes_cleanly(monkeypatch):
+    """With ``--recompute cell`` the first fused call may come inside a
+    checkpoint: the probe must neither be recorded by it nor swallow its
+    early stop as a kernel failure (it did: the C++ kernels were dropped,
+    and the backward failed)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from helpers import tiny_net
+
+    _prefer(monkeypatch, "cpp")
+    torch.manual_seed(0)
+    ref = tiny_net(backend="reference").double()
+    net = tiny_net(backend="fused", recompute="cell").double()
+    net.load_state_dict(ref.state_dict())
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.double), torch.tensor([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        loss = checkpoint(net.loss, x, y, use_reentrant=False)  # the probe runs inside this forward
+        loss.backward()
+    assert backend._PROBED == {("cpp", CPU): None}
+    ref.loss(x, y).backward()
+    torch.testing.assert_close(net.alpha_normal.grad, ref.alpha_normal.grad, rtol=1e-9, atol=1e-12)
+
+
 # -- (4): the triton kernels, under the interpreter on the CPU --
 
 def test_correct_triton_kernels_pass_the_probe(monkeypatch):

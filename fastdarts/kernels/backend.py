@@ -35,6 +35,7 @@ forced, is an error).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Callable, NamedTuple
 
@@ -231,12 +232,32 @@ def _can_probe(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _probe_in_own_thread(name: str, device: torch.device) -> str | None:
+    """``_probe`` in a thread of its own. Autograd's saved-tensor hooks,
+    checkpoint frames and grad modes are thread-local, so what the first
+    caller is inside cannot change what the probe runs: a first fused call
+    inside a checkpoint's recompute (``--recompute cell``) saw the probe's
+    tensors recorded by the recompute and its early stop swallowed as a
+    kernel failure."""
+    result: list[str | None] = []
+
+    def run() -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        result.append(_probe(name, device))
+
+    thread = threading.Thread(target=run, name="fastdarts-kernel-probe")
+    thread.start()
+    thread.join()
+    return result[0] if result else "the kernel probe's thread died"
+
+
 def _probed(name: str, device: torch.device) -> str | None:
     key = (name, device)
     if key not in _PROBED:
         if name == "ref" or not _can_probe(device):
             return None  # ref always runs; otherwise decided (and cached) at the first real call
-        _PROBED[key] = _probe(name, device)
+        _PROBED[key] = _probe_in_own_thread(name, device)
     return _PROBED[key]
 
 
