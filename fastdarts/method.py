@@ -20,9 +20,9 @@ Hooks, by where the core calls them:
   ``build_edge`` (a mixed op of its own), ``attach_to_edge``/``split_edge``/
   ``add_to_edge`` (terms added to an edge's output), ``edge_scales`` (a
   weight per edge), ``op_weights`` (an edge's op weights from α, instead of
-  softmax), ``alphas_for_weight_step`` (the weight step's view of α),
-  ``forward_extras`` (tensors its edge terms read), ``network_epoch``;
-- the loop: ``start_epoch``, ``before_arch_update``/``after_arch_update``,
+  softmax), ``adjust_op_weights`` (e.g. the weight step's perturbed op
+  weights), ``forward_extras`` (tensors its edge terms read), ``network_epoch``;
+- the loop: ``start_epoch``, ``before_weight_step``, ``before_arch_update``/``after_arch_update``,
   ``arch_loss_term``, ``epoch_figures``, ``stop_reason``, ``next_stage_edges``,
   ``epoch_log``, ``prepare_size_estimate``;
 - derivation: ``op_strengths`` (what ranks an op), ``select_cell`` (limits on
@@ -162,9 +162,17 @@ class SearchMethod:
         the op indices each edge computes, or None for every op); or None."""
         return None
 
-    def alphas_for_weight_step(self, model: nn.Module, alphas: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The α the weight step's forward sees (α frozen, training)."""
-        return alphas
+    def adjust_op_weights(self, model: nn.Module, weights: list[torch.Tensor], weight_step: bool
+                          ) -> list[torch.Tensor]:
+        """The op weights (per cell type, (edges, ops)) a forward uses, from
+        those of softmax(α) or ``op_weights``: e.g. perturbed in the weight
+        step, or with some ops removed. ``weight_step``: the search loop's
+        weight step (training; not the architect's passes)."""
+        return weights
+
+    def before_weight_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Before the search loop's weight step on the batch (x, y), α frozen (after the
+        architecture step, unless the run orders them the other way)."""
 
     def forward_extras(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors the method's edge terms read in a forward (device values, so nothing is baked in)."""

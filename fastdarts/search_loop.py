@@ -94,7 +94,11 @@ def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: to
     arch_loss = architect.step(x, y, *val_batch) if arch_step else None
     weight_optimizer.zero_grad(set_to_none=True)
     with frozen(model.arch_parameters()):
-        logits = model(x)
+        # The methods' preparation of the weight step (e.g. a perturbation of the op weights), and the
+        # weight step's forward, which the methods' ``adjust_op_weights`` see as such.
+        model.before_weight_step(x, y)
+        with model.weight_step():
+            logits = model(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
     architect.grad_reduce([p.grad for p in model.weight_parameters()])

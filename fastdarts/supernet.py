@@ -16,6 +16,7 @@ parameters, they are part of ``state_dict()`` and so of every checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -156,6 +157,7 @@ class SearchNetwork(nn.Module):
         if methods is not None and options:
             raise TypeError("give the methods or their options, not both")
         self.methods = tuple(methods) if methods is not None else methods_for(OptionValues(options))
+        self._in_weight_step = False  # set by ``weight_step()``
         self.recompute = check_recompute(recompute)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
                             ("multiplier", multiplier), ("stem_multiplier", stem_multiplier),
@@ -238,14 +240,14 @@ class SearchNetwork(nn.Module):
         if op_weights is not None:
             return tuple((op_weights[cell].to(self.alpha_normal), None, None, None) for cell in ("normal", "reduce"))
         alphas = [self.alpha_normal, self.alpha_reduce]
-        if self.training and torch.is_grad_enabled() and not self.alpha_normal.requires_grad:
-            for m in self.methods:  # the weight step's view of α
-                alphas = m.alphas_for_weight_step(self, alphas)
         sampled = first(self.methods, "op_weights", self, alphas)
         if sampled is None:
             weights, paths = [F.softmax(a, dim=-1) for a in alphas], [None, None]
         else:
             weights, paths = zip(*sampled)
+        weight_step = self._in_weight_step and self.training
+        for m in self.methods:  # e.g. a perturbation of the weight step's op weights
+            weights = m.adjust_op_weights(self, list(weights), weight_step)
         scales = first(self.methods, "edge_scales", self) or [None, None]
         extras: dict = {}
         for m in self.methods:
@@ -285,6 +287,21 @@ class SearchNetwork(nn.Module):
         return F.cross_entropy(self(x), y)
 
     # -- method hooks (search loop and architect) -------------------------------
+    @contextlib.contextmanager
+    def weight_step(self):
+        """Inside: the search loop's weight step (its forward), which the
+        methods' ``adjust_op_weights`` see as such (not the architect's passes)."""
+        self._in_weight_step = True
+        try:
+            yield
+        finally:
+            self._in_weight_step = False
+
+    def before_weight_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Called by the search loop before the weight step's forward on (x, y), α frozen."""
+        for m in self.methods:
+            m.before_weight_step(self, x, y)
+
     def start_epoch(self, seed: int, epoch: int, epochs: int | None = None, stage_epoch: int | None = None) -> None:
         """Called by the search loop before each epoch (0-based) of the run;
         ``stage_epoch`` of ``epochs`` is its place in its stage (the
