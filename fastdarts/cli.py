@@ -120,6 +120,11 @@ def search_parser() -> argparse.ArgumentParser:
     method = p.add_argument_group("method options (each on its own too)")
     method.add_argument("--arch-warmup-epochs", type=_non_negative_int, default=None, metavar="E",
                         help="no architecture step in the first E epochs " + _by_method("arch_warmup_epochs"))
+    method.add_argument("--arch-every", type=_positive_int, default=None, metavar="K",
+                        help="an architecture step after every K-th weight batch " + _by_method("arch_every"))
+    method.add_argument("--arch-after-weights", action=argparse.BooleanOptionalAction, default=None,
+                        help="the architecture step follows the weight step instead of preceding it "
+                             + _by_method("arch_after_weights"))
     for option in method_options().values():  # every registered method's flags
         _add_option(method, option)
     opt = p.add_argument_group("optimisation")

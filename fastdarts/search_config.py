@@ -25,7 +25,8 @@ DEFAULT_LAYERS = 8  # the paper's search network
 
 # DARTS' published CIFAR-10 search (Liu et al., ICLR 2019): the core's own preset, ``--method darts``.
 DARTS_PRESET = dict(batch_size=64, epochs=50, lr=0.025, lr_min=0.001, arch_lr=3e-4, arch_weight_decay=1e-3,
-                    arch_beta1=0.5, order="second", arch_warmup_epochs=0, arch_grad_clip=None)
+                    arch_beta1=0.5, order="second", arch_warmup_epochs=0, arch_grad_clip=None, arch_every=1,
+                    arch_after_weights=False)
 register_preset("darts", DARTS_PRESET)
 
 
@@ -57,6 +58,8 @@ class _CoreFields:
     arch_grad_clip: float | None = None  # clip ‖∇α‖ before Adam; None: no clipping (DARTS)
     order: str | None = None
     arch_warmup_epochs: int | None = None  # epochs (of each stage) without an architecture step at the start
+    arch_every: int | None = None      # an architecture step after every k-th weight batch (1: every batch)
+    arch_after_weights: bool | None = None  # the architecture step follows the weight step (DARTS: precedes it)
     train_portion: float = 0.5
     backend: str = DEFAULT_BACKEND
     recompute: str = "edge"            # or "cell": each cell keeps only its inputs for backward
@@ -73,7 +76,8 @@ class _CoreFields:
 CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(_CoreFields)) - {"options"}
 
 # What a checkpoint written before a field existed ran: DARTS (every method option at its `off` value).
-_LEGACY_CORE = dict(method="darts", arch_warmup_epochs=0, arch_beta1=0.5, arch_grad_clip=None)
+_LEGACY_CORE = dict(method="darts", arch_warmup_epochs=0, arch_beta1=0.5, arch_grad_clip=None, arch_every=1,
+                    arch_after_weights=False)
 
 
 def legacy_fields() -> dict[str, Any]:
@@ -152,6 +156,15 @@ class SearchConfig(_CoreFields):
         w = self.arch_warmup_epochs
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise FastDartsError(f"arch-warmup-epochs must be a non-negative integer, got {w!r}")
+        k = self.arch_every
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise FastDartsError(f"arch-every must be a positive integer, got {k!r}")
+        if not isinstance(self.arch_after_weights, bool):
+            raise FastDartsError(f"arch-after-weights must be true or false, got {self.arch_after_weights!r}")
+        if self.cuda_graph and k > 1:
+            # One captured step per epoch: a step with and one without α's update would need two graphs.
+            raise FastDartsError(f"--cuda-graph captures one step per epoch; --arch-every {k} alternates two "
+                                 f"kinds of step: run without --cuda-graph or with --arch-every 1")
         if not 0 <= self.seed < 2 ** 32:
             raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
         check_backend(self.backend)

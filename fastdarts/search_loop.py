@@ -83,15 +83,16 @@ def genotype_line(genotype: Genotype) -> str:
 
 
 def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: torch.optim.Optimizer,
-                train_batch, val_batch, grad_clip: float, arch_step: bool = True):
+                train_batch, val_batch, grad_clip: float, arch_step: bool = True, arch_after_weights: bool = False):
     """One DARTS step: Adam on α (first or second order; skipped when not
-    ``arch_step``, as in a warm-up epoch), then SGD on the weights. Returns
-    the train logits and loss and the validation loss (None without an
-    architecture step), detached. In a multi-process run the architect's
-    ``grad_reduce`` also averages the weights' gradient over the ranks,
-    before clipping."""
+    ``arch_step``, as in a warm-up epoch), then SGD on the weights
+    (``arch_after_weights``: the SGD step first, as some methods order
+    them). Returns the train logits and loss and the validation loss (None
+    without an architecture step), detached. In a multi-process run the
+    architect's ``grad_reduce`` also averages the weights' gradient over the
+    ranks, before clipping."""
     x, y = train_batch
-    arch_loss = architect.step(x, y, *val_batch) if arch_step else None
+    arch_loss = architect.step(x, y, *val_batch) if arch_step and not arch_after_weights else None
     weight_optimizer.zero_grad(set_to_none=True)
     with frozen(model.arch_parameters()):
         # The methods' preparation of the weight step (e.g. a perturbation of the op weights), and the
@@ -104,6 +105,8 @@ def search_step(model: SearchNetwork, architect: Architect, weight_optimizer: to
     architect.grad_reduce([p.grad for p in model.weight_parameters()])
     torch.nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip)
     weight_optimizer.step()
+    if arch_step and arch_after_weights:
+        arch_loss = architect.step(x, y, *val_batch)
     return logits.detach(), loss.detach(), arch_loss
 
 
@@ -336,7 +339,7 @@ class SearchRun:
         model.train()
         arch_stream = self.arch_loader.cycle(epoch)
         n_steps = self._steps(self.train_loader)
-        arch_step = stage_epoch >= cfg.arch_warmup_epochs
+        arch_epoch = stage_epoch >= cfg.arch_warmup_epochs
         model.start_epoch(cfg.seed, epoch, cfg.epochs, stage_epoch)
         figures: dict = {}
         for m in self.methods:
@@ -345,10 +348,11 @@ class SearchRun:
         progress = EpochProgress(self.device, n_steps, f"{where}epoch {stage_epoch + 1}/{cfg.epochs}",
                                  cfg.progress and self.dist.is_main)
         arch_loss_sum = torch.zeros((), device=self.device)
+        arch_steps = 0
 
-        def step(x, y, x_val, y_val):
+        def step(x, y, x_val, y_val, arch_step=arch_epoch):
             return search_step(model, self.architect, self.weight_optimizer, (x, y), (x_val, y_val),
-                               cfg.grad_clip, arch_step=arch_step)
+                               cfg.grad_clip, arch_step=arch_step, arch_after_weights=cfg.arch_after_weights)
 
         # One graph per epoch: what it bakes in (rates, warm-up, the stage's supernet) is the epoch's.
         run_step = GraphedStep(step) if cfg.cuda_graph else step
@@ -356,11 +360,19 @@ class SearchRun:
             for index, (x, y) in enumerate(self.train_loader.epoch(epoch)):
                 if index >= n_steps:
                     break
+                # An architecture step after every k-th weight batch (``(i + 1) % k == 0``, as a
+                # method's schedule may ask); each takes the architecture half's next batch.
+                scheduled = (index + 1) % cfg.arch_every == 0
+                if not scheduled:
+                    logits, loss, _ = step(x, y, None, None, arch_step=False)
+                    progress.update(logits, y, loss)
+                    continue
                 # Drawn in warm-up epochs too, so the batch order does not depend on the warm-up.
                 x_val, y_val = next(arch_stream)
                 logits, loss, arch_loss = run_step(x, y, x_val, y_val)
-                if arch_step:
+                if arch_epoch:
                     arch_loss_sum += arch_loss
+                    arch_steps += 1
                 progress.update(logits, y, loss)
         finally:
             progress.close()
@@ -369,8 +381,8 @@ class SearchRun:
         if self.dist.distributed:  # the epoch's figures over every rank's images
             progress.sum_over_ranks(all_reduce_sum_, arch_loss_sum)
             arch_loss_sum /= self.dist.world_size  # of per-rank means
-        return dict(**progress.summary(), arch_step=arch_step,
-                    arch_loss=arch_loss_sum.item() / n_steps if arch_step else None, **figures)
+        return dict(**progress.summary(), arch_step=arch_steps > 0, arch_steps=arch_steps,
+                    arch_loss=arch_loss_sum.item() / arch_steps if arch_steps else None, **figures)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:

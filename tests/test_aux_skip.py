@@ -86,3 +86,54 @@ def test_the_search_loop_decays_beta(tmp_path):
     assert [m["aux_skip_weight"] for m in lines] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert float(result.model.aux_skip_weight) == pytest.approx(1 / 3)  # what the last epoch ran with
     assert lines[0]["config"]["aux_skip"] is True
+
+
+def darts_minus_linear_decay(epoch: int, t_max: int = 50, t_start: int = 0, t_stop: int = 50,
+                             base: float = 1.0) -> float:
+    """The original's β_t, written from Meituan-AutoML/DARTS- src/utils.py:181-188
+    (``DecayScheduler.step``, decay_type 'linear'): base·(T_max − epoch)/(T_max − T_start)
+    while epoch ≤ T_stop; defaults from src/search/args.py:78-82 (skip_beta 1,
+    decay_start_epoch 0, decay_stop_epoch 50, decay_max_epoch 50)."""
+    assert t_start <= epoch <= t_stop
+    return base * (t_max - epoch) / (t_max - t_start)
+
+
+def test_the_darts_minus_preset_runs_the_original_settings():
+    """scripts/run_darts_minus.sh: --auxiliary_skip --decay linear --skip_beta 1, no --unrolled
+    (args.py:38: first order), the other settings DARTS' (args.py:28-37)."""
+    config = SearchConfig(method="darts-").checked()
+    assert config.aux_skip and config.order == "first"
+    assert (config.batch_size, config.epochs, config.lr, config.lr_min, config.arch_lr, config.arch_weight_decay) == (
+        64, 50, 0.025, 0.001, 3e-4, 1e-3)
+    (method,) = [m for m in config.methods() if isinstance(m, AuxiliarySkip)]
+    decay = method.decay_epochs(config.epochs)
+    assert [aux_skip_weight(t, decay) for t in range(config.epochs)] == pytest.approx(
+        [darts_minus_linear_decay(t) for t in range(50)], rel=1e-15)
+
+
+def test_the_decay_length_is_its_own_option():
+    # Past D the weight stays 0 (the original would go negative until decay_stop_epoch; see the module).
+    assert [aux_skip_weight(t, 3) for t in range(5)] == [1.0, 1 - 1 / 3, 1 - 2 / 3, 0.0, 0.0]
+    assert [aux_skip_weight(t, 50) for t in range(4)] == pytest.approx([darts_minus_linear_decay(t) for t in range(4)])
+    config = SearchConfig(aux_skip=True, aux_skip_epochs=7, epochs=10).checked()
+    (method,) = [m for m in config.methods() if isinstance(m, AuxiliarySkip)]
+    assert method.decay_epochs(config.epochs) == 7
+    config = SearchConfig(aux_skip=True, epochs=10).checked()  # the paper's text: over the run's epochs
+    (method,) = [m for m in config.methods() if isinstance(m, AuxiliarySkip)]
+    assert method.decay_epochs(config.epochs) == 10
+
+
+def test_the_decay_length_is_recorded_per_epoch(tmp_path):
+    result = search(dataset="digits", layout="N,R,N", channels=4, steps=2, multiplier=2, batch_size=16, epochs=3,
+                    max_steps=1, order="first", device="cpu", progress=False, aux_skip=True, aux_skip_epochs=2,
+                    out=str(tmp_path), log=lambda _: None)
+    assert [h["aux_skip_weight"] for h in result.history] == [1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(aux_skip=True, aux_skip_epochs=0), "aux-skip-epochs must be a positive integer"),
+    (dict(aux_skip_epochs=5), "it needs --aux-skip"),
+])
+def test_bad_decay_lengths_are_refused(kw, needle):
+    with pytest.raises(FastDartsError, match=needle):
+        SearchConfig(**kw).checked()

@@ -46,8 +46,10 @@ CASES = {
     "darts-second-reference-recompute-cell": dict(order="second", backend="reference", recompute="cell"),
     "pc-darts-fused": dict(method="pc-darts", channels=8, arch_warmup_epochs=0),
     "pc-darts-reference": dict(method="pc-darts", channels=8, arch_warmup_epochs=0, backend="reference"),
-    "proxyless-fused": dict(method="proxyless", arch_warmup_epochs=0),
-    "proxyless-reference": dict(method="proxyless", arch_warmup_epochs=0, backend="reference"),
+    # The schedule of the fixture (an α step before every weight step; issue 24 gave the preset the original's).
+    "proxyless-fused": dict(method="proxyless", arch_warmup_epochs=0, arch_every=1, arch_after_weights=False),
+    "proxyless-reference": dict(method="proxyless", arch_warmup_epochs=0, arch_every=1, arch_after_weights=False,
+                                backend="reference"),
     "p-darts-fused": dict(PDARTS),
     "p-darts-skip-dropout-max-skip": dict(PDARTS, skip_dropout="0.1,0.4,0.7", max_skip=1, backend="reference"),
     "early-stop-stable": dict(order="first", early_stop="stable:1", epochs=4),

@@ -20,19 +20,35 @@ from . import partial_channels, edge_norm, path_sampling, progressive, aux_skip,
 # batch 256, SGD lr 0.1 cosine to 0, Adam lr 6e-4 on α and β, first order, 15 warm-up epochs.
 register_preset("pc-darts", dict(_DARTS, batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, order="first",
                                  partial_channels=4, edge_norm=True, arch_warmup_epochs=15))
-# Cai et al., ICLR 2019 (mit-han-lab/proxylessnas): two paths per edge, first order, Adam lr 1e-3 with
-# betas (0, 0.999) and no weight decay on α; DARTS' weight settings (their own are ImageNet's).
+# Cai et al., ICLR 2019 (mit-han-lab/proxylessnas, search/): two paths per edge, first order, Adam lr 1e-3
+# with betas (0, 0.999) and no weight decay on α (imagenet_arch_search.py:80-84); DARTS' weight settings
+# (their own are ImageNet's). Its schedule (nas_manager.py:71-76, 328-393): weights alone for
+# warmup_epochs=40, then n_epochs=120 in which epoch 0 makes no α step and the others one α step after
+# every 5th weight step (grad_update_arch_param_every=5, imagenet_arch_search.py:75, 37, 87), taken after
+# that batch's weight step. Scaled to 50 epochs: 40/(40+120) of them, 12, weights alone, plus the first
+# joint epoch: 13 epochs without α steps. (The original restarts its cosine learning rate after the
+# warm-up; here one cosine spans the run.)
 register_preset("proxyless", dict(_DARTS, order="first", sample_paths=2, arch_lr=1e-3, arch_weight_decay=0.0,
-                                  arch_beta1=0.0))
+                                  arch_beta1=0.0, arch_warmup_epochs=13, arch_every=5, arch_after_weights=True))
 # Chen et al., ICCV 2019 (chenxin061/pdarts, train_search.py): 3 stages of 25 epochs, 5, 11 and 17 cells
 # holding 8, 5 and 3 ops per edge; batch 96, SGD lr 0.025 cosine to 0, Adam lr 6e-4, first order, no
 # architecture step in the first 10 epochs of a stage; skip dropout 0.0, 0.4, 0.7; at most 2 skip
-# connections in the final normal cell; the α gradient's norm clipped to 5 (its train() does).
+# connections in the final normal cell; the α gradient's norm clipped to 5 (its train() does). The skip
+# dropout rates 0.0, 0.4, 0.7 are the paper's text (its CIFAR-10 search settings); its code differs in two
+# ways: train_search.py:119-122 falls back to 0.0, 0.0, 0.0 when --dropout_rate is not given three times,
+# and its README's search command (README.md:56-63) passes 0.1, 0.4, 0.7. Give --skip-dropout 0.1,0.4,0.7
+# to run the README's command.
 register_preset("p-darts", dict(_DARTS, batch_size=96, epochs=25, lr_min=0.0, arch_lr=6e-4, order="first",
                                 arch_warmup_epochs=10, stages="5:8,11:5,17:3", skip_dropout="0.0,0.4,0.7",
                                 max_skip=2, arch_grad_clip=5.0))
 
-METHOD_PRESETS = PRESETS  # the presets by name (darts, pc-darts, proxyless, p-darts, and any registered later)
+# Chu et al., ICLR 2021 (Meituan-AutoML/DARTS-): the auxiliary skip, decayed linearly over 50 epochs
+# (src/search/args.py:82 decay_max_epoch; scripts/run_darts_minus.sh: --auxiliary_skip --decay linear
+# --skip_beta 1), first order (args.py:38: --unrolled off, and the script does not set it); DARTS' other
+# settings (args.py:28-37).
+register_preset("darts-", dict(_DARTS, order="first", aux_skip=True, aux_skip_epochs=50))
+
+METHOD_PRESETS = PRESETS  # the presets by name (darts, pc-darts, proxyless, p-darts, darts-, and any registered later)
 
 
 def method_preset(name: str) -> dict:

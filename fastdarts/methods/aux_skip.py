@@ -4,9 +4,14 @@ Every mixed op adds ``β_t·aux(x)``: aux is the identity on stride-1 edges
 and a FactorizedReduce (affine=False) on stride-2 edges, created before the
 candidate ops as in the authors' code (``Meituan-AutoML/DARTS-``,
 ``model_search.MixedOp``), so weights copy across positionally. β_t falls
-linearly from 1 to 0 over the search: ``β_t = 1 − t/E`` in epoch t (0-based)
-of E, the original's ``DecayScheduler(decay_type='linear')`` stepped at the
-start of each epoch. The skip carries the gradient the candidate skip
+linearly from 1 to 0: ``β_t = 1 − t/D`` in epoch t (0-based), the original's
+``DecayScheduler(decay_type='linear')`` stepped at the start of each epoch
+(src/utils.py:181-188, src/search/train_search.py:107). D is
+``--aux-skip-epochs`` (the original's ``decay_max_epoch``, default 50,
+src/search/args.py:82), by default the run's epochs E as the paper's text
+states; the ``darts-`` preset takes the original's 50. Past D, β_t stays 0
+(the original's formula would turn negative until its ``decay_stop_epoch``;
+with its defaults, D = stop = 50 = E, that never happens). The skip carries the gradient the candidate skip
 connection would otherwise win with, so the α of ``skip_connect`` no longer
 grows unchecked; β_t reaching 0 leaves the supernet DARTS' own.
 
@@ -29,9 +34,9 @@ from ..mixed_op_reference import running_stats_frozen_context
 from ..ops import FactorizedReduce, Identity
 
 
-def aux_skip_weight(epoch: int, epochs: int) -> float:
-    """β_t of epoch ``epoch`` (0-based) of ``epochs``."""
-    return 1.0 - epoch / epochs
+def aux_skip_weight(epoch: int, decay_epochs: int) -> float:
+    """β_t of epoch ``epoch`` (0-based) of a decay over ``decay_epochs`` (0 after it)."""
+    return max(0.0, 1.0 - epoch / decay_epochs)
 
 
 def make_aux_op(C: int, stride: int) -> nn.Module:
@@ -64,11 +69,26 @@ class AuxiliarySkip(SearchMethod):
 
     name = "aux-skip"
     options = (Option("aux_skip", False, "DARTS-: every mixed op adds an auxiliary skip connection weighted "
-                      "1 - t/E in epoch t of E (FactorizedReduce on stride-2 edges)", kind="flag"),)
+                      "1 - t/D in epoch t (FactorizedReduce on stride-2 edges)", kind="flag"),
+               Option("aux_skip_epochs", None, "DARTS-: the epochs D over which the auxiliary skip's weight "
+                      "decays to 0 (default: the run's epochs; the original's decay_max_epoch is 50)",
+                      kind="positive_int", metavar="D"))
+
+    @classmethod
+    def active(cls, config) -> bool:
+        return bool(config.aux_skip)
 
     @classmethod
     def check(cls, config, from_preset):
-        return dict(aux_skip=bool(config.aux_skip))
+        d = config.aux_skip_epochs
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0):
+            raise FastDartsError(f"aux-skip-epochs must be a positive integer, got {d!r}")
+        if d is not None and not config.aux_skip:
+            raise FastDartsError("aux-skip-epochs sets the auxiliary skip's decay: it needs --aux-skip")
+        return dict(aux_skip=bool(config.aux_skip), aux_skip_epochs=d)
+
+    def decay_epochs(self, epochs: int | None) -> int | None:
+        return self.config.aux_skip_epochs or epochs
 
     def setup_network(self, model) -> list:
         # β_t, filled each epoch (a tensor: nothing baked into a step); not in the
@@ -100,8 +120,9 @@ class AuxiliarySkip(SearchMethod):
         if epochs is None:
             raise FastDartsError("the auxiliary skip's β_t needs the number of epochs: start_epoch(seed, epoch, epochs)")
         with torch.no_grad():
-            model.aux_skip_weight.fill_(aux_skip_weight(epoch if stage_epoch is None else stage_epoch, epochs))
+            model.aux_skip_weight.fill_(aux_skip_weight(epoch if stage_epoch is None else stage_epoch,
+                                                        self.decay_epochs(epochs)))
 
     def epoch_figures(self, run, entry: dict) -> dict:
         stage_epoch = entry.get("stage_epoch", entry["epoch"]) - 1
-        return {"aux_skip_weight": aux_skip_weight(stage_epoch, self.config.epochs)}
+        return {"aux_skip_weight": aux_skip_weight(stage_epoch, self.decay_epochs(self.config.epochs))}

@@ -4,8 +4,13 @@ Criteria (``--early-stop``, several may be given):
 - ``skip:M``: stop at the end of the first epoch whose derived normal cell
   holds ≥ M skip connections (the collapse DARTS drifts into);
 - ``stable:E``: stop once the ranking of the parametric ops on every edge
-  of both cell types (and so the derived genotype's op choice) has not
-  changed for E consecutive epochs.
+  of both cell types has not changed for E consecutive epochs. That is the
+  criterion, not a promise that the genotype held still: the derivation
+  also weighs the non-parametric ops (a skip connection or a pool can
+  overtake every parametric op of an edge, and the top-2 edges of a node can
+  change) while the parametric ops keep their order (issue 24 reports a run
+  that held the ranking for 10 epochs while its normal cell changed
+  ``sep_conv_3x3(1)`` to ``skip_connect(0)``).
 
 The criteria read the measures every search records per epoch
 (``rank_stats.rank_measures``, ``skip_connects``): ``skip_connects`` (normal

@@ -11,7 +11,9 @@
   one-hot of q, so autograd gives the original's
   ``∂L/∂α_i = Σ_j g_j q_j (δ_ij − q_i)`` with g_j = ⟨dy, o_j(x)⟩.
   ``after_arch_update`` then undoes the update of edges whose active op is
-  ``none`` (the original sets their gradient to None) and shifts the N
+  ``none`` (the original sets their gradient to None), redoes the others'
+  Adam step with each edge's own step count (the original has one
+  parameter, so one count, per edge: a skipped edge's count stays) and shifts the N
   updated α of every edge by one offset so that their log-sum-exp is
   unchanged (the original's ``rescale_updated_arch_param``);
 - evaluation (eval mode): each edge's strongest op (argmax α), as the
@@ -126,20 +128,56 @@ class PathSampler:
     def after_arch_update(self, alphas: list[torch.Tensor], optimizer: torch.optim.Optimizer, saved,
                           none_index: list[list[int]]) -> None:
         """``none_index``: per α, per edge, the column of `none` (-1: none there)."""
+        group = optimizer.param_groups[0]
         for alpha, (old, old_state), (index, active), nones in zip(alphas, saved, self.last_arch_sample, none_index):
-            if any(k >= 0 for k in nones):
-                # Edges whose active op is `none` are not updated (the original's grad = None).
-                keep = (active == torch.tensor(nones)).to(alpha.device).unsqueeze(1)
+            state = optimizer.state[alpha]
+            # Edges whose active op is `none` are not updated (the original's grad = None).
+            skipped = (active == torch.tensor(nones)).to(alpha.device)
+            keep = skipped.unsqueeze(1)
+            if bool(skipped.any()):
                 alpha.copy_(torch.where(keep, old, alpha))
                 # Adam's moments too (zeros where the step created them).
-                for key, value in optimizer.state.get(alpha, {}).items():
+                for key, value in state.items():
                     if isinstance(value, torch.Tensor) and value.shape == alpha.shape:
                         before = old_state.get(key)
                         value.copy_(torch.where(keep, torch.zeros_like(value) if before is None else before, value))
+            self._per_edge_bias_correction(alpha, old, state, skipped, group)
             # Shift the updated paths so that log Σ exp over them is unchanged.
             offset = torch.logsumexp(alpha.gather(1, index), -1) - torch.logsumexp(old.gather(1, index), -1)
             alpha.scatter_(1, index, alpha.gather(1, index) - offset.unsqueeze(1))
         self.last_arch_sample = None
+
+    @staticmethod
+    def _per_edge_bias_correction(alpha: torch.Tensor, old: torch.Tensor, state: dict, skipped: torch.Tensor,
+                                  group: dict) -> None:
+        """Redo the updated edges' Adam step with each edge's own step count.
+
+        The original has one α parameter per edge, so an edge whose gradient
+        is None (skipped) does not advance its Adam step count; α here is one
+        (edges, ops) tensor with one count, which would make the first update
+        after k skips up to √(k+1) too large. Each edge's count lives in the
+        optimiser's state (``edge_steps``, checkpointed with it); the moments
+        Adam just computed do not depend on the count, only the bias
+        correction does: α_e = old_e − lr/(1−β1^t_e) · m_e / (√v_e/√(1−β2^t_e) + ε),
+        Adam's own arithmetic."""
+        if group.get("amsgrad") or group.get("maximize") or group.get("capturable"):
+            raise FastDartsError("path sampling's per-edge Adam step counts need plain Adam (no amsgrad, "
+                                 "maximize or capturable)")
+        counts = state.get("edge_steps")  # α's shape (so it loads as Adam's moments do): each row its edge's count
+        if counts is None:  # the first update (or a checkpoint written before per-edge counts: its global count)
+            counts = torch.full_like(alpha, float(state["step"]) - 1.0)
+        counts = counts + (~skipped).to(alpha.dtype).unsqueeze(1)
+        state["edge_steps"] = counts
+        steps = counts[:, 0].to(torch.float64)
+        beta1, beta2 = group["betas"]
+        t = steps.clamp_min(1.0)  # a never-updated edge keeps its old α below, whatever its count
+        bias1 = 1 - beta1 ** t
+        bias2_sqrt = (1 - beta2 ** t).sqrt()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        step_size = (group["lr"] / bias1).to(alpha.dtype).unsqueeze(1)
+        denom = (v.sqrt() / bias2_sqrt.to(alpha.dtype).unsqueeze(1)).add_(group["eps"])
+        updated = old - step_size * m / denom
+        alpha.copy_(torch.where(skipped.unsqueeze(1), alpha, updated))
 
 
 class FixedPaths:
