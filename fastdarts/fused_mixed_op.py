@@ -52,6 +52,7 @@ from .errors import FastDartsError
 from .kernels.backend import KernelOps, kernel_ops
 from .kernels import meta_kernels  # noqa: F401  (Meta kernels: steps run on the meta device)
 from .kernels.bn_accumulate import accumulator_dtype
+from .mixed_op_checkpoint import mixed_op_checkpoint
 from .mixed_op_reference import mixed_op_reference
 from .ops import DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv, Zero
 
@@ -575,8 +576,10 @@ def _fused(cands: list[_Candidate], stride: int, x: torch.Tensor, weights: torch
     if not needs_grad:
         return fused_forward(cands, stride, x, weights, params)[0]
     if _any_bn_in_eval(cands):
-        # Gradients through BN with running statistics (a module in eval mode):
-        # rare in a search, and the kernels' backward assumes batch statistics.
+        # Gradients through BN with running statistics (a module in eval mode, e.g. an
+        # adversarial attack on the op weights): the kernels' backward assumes batch
+        # statistics, so ``reference`` computes it (for a whole mixed op, under a
+        # checkpoint: its ops recomputed in backward, not every op's output kept).
         return reference()
     return FusedMixedOpFunction.apply(cands, stride, x, weights, *params)
 
@@ -602,7 +605,8 @@ def mixed_op_fused(mixed: nn.Module, x: torch.Tensor, weights: torch.Tensor,
     cands = _candidates(mixed, mixed.ops)
     if paths is not None:
         cands = _path_candidates(mixed, cands, paths)
-    return _fused(cands, mixed.stride, x, weights, lambda: mixed_op_reference(mixed, x, weights, paths))
+        return _fused(cands, mixed.stride, x, weights, lambda: mixed_op_reference(mixed, x, weights, paths))
+    return _fused(cands, mixed.stride, x, weights, lambda: mixed_op_checkpoint(mixed, x, weights))
 
 
 _ONE: dict[torch.device, torch.Tensor] = {}  # the weight of a one-op "edge", per device

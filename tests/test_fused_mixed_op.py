@@ -758,3 +758,32 @@ def test_no_probe_is_cached_under_a_fake_tensor_mode(monkeypatch):
     with FakeTensorMode():
         assert backend._probed("cpp", torch.device("cpu")) is None
     assert backend._PROBED == {}
+
+
+def test_gradients_in_eval_mode_are_recomputed_not_kept():
+    """Gradients through BN on running statistics (e.g. SDARTS-ADV's attack on
+    the op weights, run in eval mode) are not the kernels' (they assume batch
+    statistics): each mixed op's reference is recomputed in backward, so the
+    fused backend still keeps no op outputs. Same gradients, float64."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(8)
+        nets = {"reference": tiny_net(backend="reference", C=8)}
+        for backend in ("checkpoint", "fused"):
+            nets[backend] = tiny_net(backend=backend, C=8)
+            nets[backend].load_state_dict(nets["reference"].state_dict())
+        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+        with torch.no_grad():
+            for net in nets.values():
+                net(x * 2 + 1)  # running statistics away from the batch's
+                net.eval()
+        grads = {b: loss_and_grads(net, x, y) for b, net in nets.items()}
+        for backend in ("checkpoint", "fused"):
+            torch.testing.assert_close(grads[backend][0], grads["reference"][0], rtol=1e-12, atol=1e-12)
+            for a, b in zip(grads[backend][1], grads["reference"][1]):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        kept = {b: saved_activation_bytes(net, x, y) for b, net in nets.items()}
+        assert kept["fused"] <= kept["checkpoint"] and kept["fused"] < kept["reference"] / 3, kept
+    finally:
+        torch.set_default_dtype(dtype)
