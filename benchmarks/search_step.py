@@ -33,15 +33,19 @@ measurements (``op_count.py``, which also lists the most frequent ones;
 ``--no-op-count`` skips it).
 
 ``--methods`` (default ``darts``) measures each search method with every
-backend: the supernet takes the method's network options from
-``fastdarts.methods.METHOD_PRESETS`` (pc-darts: ``partial_channels=4``,
-``edge_norm=True``; proxyless: ``sample_paths=2``, its draws seeded by
-``model.start_epoch(0, 0)``) and the architect its Adam settings; the order,
-batch and network size stay those of the command line. Combinations that do
-not exist are skipped and listed (JSON ``skipped``): path sampling has no
-``checkpoint`` backend and no second-order step. The column ``method`` and
-the ratios ``mem/darts``, ``time/darts`` (to DARTS on the same backend,
-order and recompute mode) appear when more than one method is measured.
+backend: the supernet takes the method options its preset sets
+(``fastdarts.methods.METHOD_PRESETS``; pc-darts: ``partial_channels=4``,
+``edge_norm=True``; proxyless: ``sample_paths=2``; sdarts-adv: its 7-step
+attack in every weight step...), set to epoch 0 of the preset's run by
+``model.start_epoch`` (path sampling's draws, the methods' schedules), and
+the architect its Adam settings; the order, batch and network size stay
+those of the command line. A step is ``search_loop.search_step``: the
+methods' hooks of the weight step included. Combinations a method refuses
+are skipped and listed with its reason (JSON ``skipped``): e.g. path
+sampling has no ``checkpoint`` backend and no second-order step. The column
+``method`` and the ratios ``mem/darts``, ``time/darts`` (to DARTS on the
+same backend, order and recompute mode) appear when more than one method
+is measured.
 
     python benchmarks/search_step.py --device cpu --order second --batch-size 64 --layers 8
     # step time against reference, three rounds round-robin (issue 11 §4's time target)
@@ -76,9 +80,19 @@ import time
 from pathlib import Path
 
 BACKENDS = ("reference", "checkpoint", "fused")
-METHODS = ("darts", "pc-darts", "proxyless")
-# The supernet options that make a method (the rest of a preset is the loop's: lr, batch, epochs...).
-METHOD_NETWORK_OPTIONS = ("partial_channels", "edge_norm", "sample_paths")
+# The presets whose step runs on one supernet (p-darts' is a run of several; darts-pt's step is darts').
+METHODS = ("darts", "pc-darts", "proxyless", "darts-", "sdarts-rs", "sdarts-adv", "beta-darts", "fair-darts")
+# Preset options that are not the step's: stages and what happens between or after epochs.
+NOT_STEP_OPTIONS = ("stages", "skip_dropout", "max_skip", "early_stop", "selection")
+
+
+def method_network_options(method: str) -> dict:
+    """The method options a preset sets (the rest of it is the loop's: lr, batch, epochs...)."""
+    from fastdarts.method import method_options
+    from fastdarts.methods import method_preset
+
+    preset = method_preset(method)
+    return {k: preset[k] for k in method_options() if k in preset and k not in NOT_STEP_OPTIONS}
 
 
 def _rss_bytes(field: str) -> int:
@@ -124,14 +138,13 @@ def _sync(device) -> None:
 
 
 def skip_reason(method: str, backend: str, order: str) -> str | None:
-    """Why this combination does not exist (None: it does)."""
-    from fastdarts.methods import method_preset
+    """Why this combination does not exist (None: it does): what the method's ``incompatible`` refuses."""
+    from fastdarts import FastDartsError, SearchConfig
 
-    if method_preset(method).get("sample_paths"):
-        if backend == "checkpoint":
-            return "path sampling has no checkpoint backend"
-        if order == "second":
-            return "path sampling has a first-order architecture step only"
+    try:
+        SearchConfig(method=method, backend=backend, order=order, dataset="digits").checked()
+    except FastDartsError as e:
+        return str(e)
     return None
 
 
@@ -152,8 +165,9 @@ def build_search(backend: str, order: str, ops: str, channels: int, layers: int,
     preset = method_preset(method)
     op_names = EXTENDED_OPS[: int(ops)] if ops.isdigit() else resolve_ops(ops)
     model = SearchNetwork(C=channels, num_classes=10, layers=layers, ops=op_names, backend=backend,
-                          recompute=recompute, **{k: preset.get(k) for k in METHOD_NETWORK_OPTIONS}).to(device)
-    model.start_epoch(0, 0)  # seeds path sampling's draws; nothing for the other methods
+                          recompute=recompute, **method_network_options(method)).to(device)
+    # Epoch 0 of the preset's run: seeds path sampling's draws, sets the epoch's schedules (a method's weights).
+    model.start_epoch(0, 0, preset["epochs"], 0)
     # torch's SGD with a float lr (DeviceLrSGD defers to it); --cuda-graph moves the lr to the device.
     sgd = DeviceLrSGD(model.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     architect = Architect(model, sgd, order=order, lr=preset["arch_lr"], weight_decay=preset["arch_weight_decay"],

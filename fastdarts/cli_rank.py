@@ -12,7 +12,8 @@ uniformly from the search space, adds the search's own, and for each records
   belong to the mixture, not to any one sub-network), then its accuracy on
   the search's validation half;
 - its α score: Σ log softmax(α) over its chosen ops, the ranking DARTS itself
-  implies;
+  implies (under a method that ranks ops otherwise, e.g. FairDARTS' σ(α) or
+  PC-DARTS' edge weights, the log of what its derivation ranks by);
 - its stand-alone accuracy: trained from scratch by ``train_loop.train``.
 
 Kendall τ, sparse Kendall τ and Spearman ρ between each score and the
@@ -44,6 +45,7 @@ from .data import DeviceLoader
 from .errors import FastDartsError
 from .genotype import DARTS_V2, Genotype, genotype_op_weights, num_edges
 from .layout import reduction_layout
+from .method import overrides
 from .mixed_op import MIXED_OP_BACKENDS
 from .rank_stats import kendall_tau, sparse_kendall_tau, spearman_rho
 from .files import check_writable, save_figure, write_json
@@ -201,11 +203,16 @@ def sample_genotypes(edge_ops: dict[str, Sequence[Sequence[str]]], steps: int, m
 # ---------------------------------------------------------------- scores
 
 def alpha_score(model: nn.Module, genotype: Genotype) -> float:
-    """Σ over the architecture's (edge, op) pairs of log softmax(α), both cells."""
+    """Σ over the architecture's (edge, op) pairs of log softmax(α), both cells;
+    under a method that ranks ops otherwise (σ(α), edge weights), the log of
+    what its derivation ranks by (``SearchNetwork.op_strengths``)."""
     chosen = genotype_op_weights(genotype, model.edge_ops, dtype=torch.float64)
     total = 0.0
     for cell, alpha in zip(CELLS, (model.alpha_normal, model.alpha_reduce)):
-        log_p = F.log_softmax(alpha.detach().cpu().double(), dim=-1)
+        if any(overrides(m, "op_strengths") for m in getattr(model, "methods", ())):
+            log_p = model.op_strengths(cell).double().clamp_min(torch.finfo(torch.float64).tiny).log()
+        else:
+            log_p = F.log_softmax(alpha.detach().cpu().double(), dim=-1)
         total += float((chosen[cell] * log_p).sum())
     return total
 
@@ -447,7 +454,10 @@ def rank(config: RankConfig | None = None, *, log: Callable[[str], None] = print
     search_config, dataset, model = load_search(config.run_dir, data=config.data, device=config.device,
                                                 backend=config.backend)
     _check_image_size(config, dataset)
-    derived = model.genotype(final=True)  # the search's result, as its genotype.json
+    # The search's result: its genotype.json (a selection after the search, such as DARTS-PT's, chose it on a
+    # supernet the checkpoint does not hold), else the derivation from the checkpoint's α.
+    result = Path(config.run_dir) / "genotype.json"
+    derived = Genotype.load(result) if result.exists() else model.genotype(final=True)
     genotypes = [derived] + sample_genotypes(model.edge_ops, model.steps, model.multiplier, config.num_archs,
                                              config.seed, exclude=[derived])
     _check_same_architectures(finished, genotypes, path)

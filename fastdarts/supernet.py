@@ -327,6 +327,15 @@ class SearchNetwork(nn.Module):
         return not any(m.first_order_only(self) for m in self.methods)
 
     # -- architecture -------------------------------------------------------
+    def op_strengths(self, cell: str) -> torch.Tensor:
+        """What ranks the ops of ``cell``'s edges in the derivation (edges, ops), on the host, in α's
+        precision: softmax(α), or what the methods make of it (e.g. σ(α), or weighted per edge)."""
+        alpha = (self.alpha_normal if cell == "normal" else self.alpha_reduce).detach().cpu()
+        weights = torch.softmax(alpha, dim=-1)
+        for m in self.methods:
+            weights = m.op_strengths(self, cell, weights)
+        return weights
+
     def genotype(self, final: bool = False) -> Genotype:
         """The derived cells; ``final``: with the methods' limits on the final cells."""
         def strengths(cell: str, weights: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,16 @@ TINY_SEARCH = dict(dataset="digits", layout="N,R,N", layers=None, channels=4, st
                    max_steps=3, device="cpu", progress=False)
 
 
+class Interrupt(Exception):
+    """A search cut short on purpose (``stop_after_first_epoch``), to test its resume."""
+
+
+def stop_after_first_epoch(entry):
+    """``on_epoch_end`` that interrupts a search once its first epoch's checkpoint is written."""
+    if entry["epoch"] == 1:
+        raise Interrupt
+
+
 def saved_activation_bytes(net, x, y):
     """Bytes autograd keeps for backward during one forward of ``net.loss``
     (each storage once; parameters are the model's own memory, not counted)."""

@@ -58,3 +58,28 @@ def test_rounds_below_one_are_refused():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "search_step.py"), "--rounds", "0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--rounds must be at least 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["darts", "pc-darts", "proxyless", "darts-", "sdarts-rs", "sdarts-adv",
+                                    "beta-darts", "fair-darts"])
+def test_every_method_of_the_benchmark_takes_its_step(method):
+    """``--methods`` builds each preset's supernet and runs the loop's step (the methods' hooks included)."""
+    import torch
+
+    from search_step import METHODS, build_search, skip_reason
+
+    from fastdarts.search_loop import search_step
+
+    assert method in METHODS
+    assert skip_reason("proxyless", "checkpoint", "first") and skip_reason("proxyless", "fused", "second")
+    ran = 0
+    for backend in ("reference", "fused"):
+        if skip_reason(method, backend, "first"):
+            continue
+        model, sgd, architect, batches = build_search(backend, "first", "darts", 8 if method == "pc-darts" else 4,
+                                                      3, 4, 8, "cpu", method=method)
+        before = [a.detach().clone() for a in model.arch_parameters()]
+        search_step(model, architect, sgd, batches[0], batches[1], 5.0)
+        assert any(not torch.equal(a, b) for a, b in zip(model.arch_parameters(), before))
+        ran += 1
+    assert ran == 2

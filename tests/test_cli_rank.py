@@ -120,6 +120,38 @@ def test_alpha_score_by_hand(loaded):
     assert all(alpha_score(model, derived) >= alpha_score(model, g) for g in sampled)
 
 
+@pytest.mark.parametrize("options, strength", [
+    (dict(sigmoid_ops=True), lambda alpha, _: torch.sigmoid(alpha)),  # FairDARTS ranks ops by σ(α)
+    (dict(partial_channels=1, edge_norm=True), None),                  # PC-DARTS by softmax(α)·β
+])
+def test_alpha_score_is_the_log_of_what_the_method_ranks_by(options, strength):
+    from helpers import tiny_net
+
+    torch.manual_seed(3)
+    model = tiny_net(**options).double()
+    with torch.no_grad():
+        for a in model.arch_parameters():
+            a.copy_(torch.randn_like(a))
+    derived = model.genotype()
+    sampled = sample_genotypes(model.edge_ops, model.steps, model.multiplier, 8, seed=1, exclude=[derived])
+    for genotype in [derived, *sampled]:
+        expected = 0.0
+        for cell in ("normal", "reduce"):
+            alpha = getattr(model, f"alpha_{cell}").detach()
+            if strength is not None:
+                ranks = strength(alpha, cell)
+            else:  # edge normalisation: softmax(α) times softmax of β over each node's incoming edges
+                beta = getattr(model, f"beta_{cell}").detach()
+                scale = torch.cat([torch.softmax(beta[_edge(n, 0):_edge(n, 0) + 2 + n], 0)
+                                   for n in range(model.steps)])
+                ranks = torch.softmax(alpha, -1) * scale[:, None]
+            for position, (op, source) in enumerate(getattr(genotype, cell)):
+                edge = _edge(position // 2, source)
+                expected += math.log(ranks[edge, list(model.edge_ops[cell][edge]).index(op)])
+        assert alpha_score(model, genotype) == pytest.approx(expected, rel=1e-12)
+    assert all(alpha_score(model, derived) >= alpha_score(model, g) for g in sampled)
+
+
 # ---------------------------------------------------------------- sampling
 
 def test_sampling_is_seeded_distinct_and_valid(loaded):
@@ -343,3 +375,22 @@ def test_bad_input(full_run, run_dir, tmp_path, monkeypatch, capsys):
     line = _error([str(run_dir), *RANK, "--seed", "1", "--out", out, "--resume"], capsys)
     assert "seed: rank.json 0 vs now 1" in line
     assert "no rank.json" in _error([str(run_dir), *RANK, "--out", str(tmp_path / "new"), "--resume"], capsys)
+
+
+@pytest.mark.parametrize("method", [dict(method="fair-darts", fair_derivation="top2"),
+                                    dict(method="darts-pt", selection_interval=0, selection_batches=1)])
+def test_rank_runs_on_a_methods_search_and_starts_from_its_result(tmp_path, method):
+    """A run of any method: its genotype.json is the search's own architecture (DARTS-PT's selection is not
+    what α derives), its α score is what the method ranks by."""
+    run = tmp_path / "search"
+    result = search(out=str(run), log=lambda s: None, **{**SEARCH, **method})
+    out = tmp_path / "rank"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert rank_main([str(run), *RANK, "--out", str(out)]) == 0
+    ranked = json.loads((out / "rank.json").read_text())
+    assert ranked["search"]["derived"] == result.genotype.to_dict()
+    assert ranked["architectures"][0]["genotype"] == result.genotype.to_dict()
+    _, _, model = load_search(run, device="cpu")
+    assert ranked["architectures"][0]["alpha_score"] == pytest.approx(alpha_score(model, result.genotype),
+                                                                      rel=1e-12)

@@ -25,7 +25,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fastdarts"
 # `edge_normal` and `DARTS_V2` are not.
 _METHOD_WORDS = ("partial_channels", "edge_norm", "sample_paths", "aux_skip", "skip_dropout", "max_skip",
                  "early_stop", "pc-darts", "pc_darts", "proxyless", "proxylessnas", "p-darts", "pdarts",
-                 "darts_minus", "darts_plus")
+                 "darts_minus", "darts_plus", "sdarts", "perturb_alpha", "perturb_epsilon", "perturb_steps",
+                 "beta_decay", "beta-darts", "fair-darts", "fairdarts", "sigmoid_ops", "zero_one_loss",
+                 "fair_derivation", "darts-pt", "selection_interval", "selection_batches", "pt_projection")
 METHOD_WORD = re.compile(  # options also in their command-line spelling (--partial-channels)
     r"(?<![A-Za-z0-9])(?:" + "|".join(re.escape(w).replace("_", "[-_]") for w in _METHOD_WORDS)
     + r")(?![A-Za-z0-9])"

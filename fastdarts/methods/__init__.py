@@ -8,7 +8,8 @@ left ``None`` takes the preset's value; one given explicitly wins.
 
 Registration order is the order in which an edge's terms apply and
 hooks run: partial channels, edge normalisation, path sampling, P-DARTS'
-progressive search, DARTS-' auxiliary skip, DARTS+' early stop.
+progressive search, DARTS-' auxiliary skip, DARTS+' early stop, SDARTS' perturbation,
+β-DARTS' Beta-Decay, FairDARTS' sigmoid, DARTS-PT's selection.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ register_preset("p-darts", dict(_DARTS, batch_size=96, epochs=25, lr_min=0.0, ar
 # --skip_beta 1), first order (args.py:38: --unrolled off, and the script does not set it); DARTS' other
 # settings (args.py:28-37).
 register_preset("darts-", dict(_DARTS, order="first", aux_skip=True, aux_skip_epochs=50))
+
+# The methods whose module registers its own presets (after the ones above, so --help lists those first).
+from . import sdarts, beta_decay, fair_darts, perturbation_selection  # noqa: E402, F401  (register)
 
 METHOD_PRESETS = PRESETS  # the presets by name (darts, pc-darts, proxyless, p-darts, darts-, and any registered later)
 
