@@ -161,10 +161,6 @@ class SearchConfig(_CoreFields):
             raise FastDartsError(f"arch-every must be a positive integer, got {k!r}")
         if not isinstance(self.arch_after_weights, bool):
             raise FastDartsError(f"arch-after-weights must be true or false, got {self.arch_after_weights!r}")
-        if self.cuda_graph and k > 1:
-            # One captured step per epoch: a step with and one without α's update would need two graphs.
-            raise FastDartsError(f"--cuda-graph captures one step per epoch; --arch-every {k} alternates two "
-                                 f"kinds of step: run without --cuda-graph or with --arch-every 1")
         if not 0 <= self.seed < 2 ** 32:
             raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
         check_backend(self.backend)
@@ -185,6 +181,10 @@ class SearchConfig(_CoreFields):
             reason = cls.incompatible(self) if cls.active(self) else None
             if reason:
                 raise FastDartsError(reason)
+        if self.cuda_graph and self.arch_every > 1:  # after the methods' reasons, which say more
+            # One captured step per epoch: a step with and one without α's update would need two graphs.
+            raise FastDartsError(f"--cuda-graph captures one step per epoch; --arch-every {self.arch_every} "
+                                 f"alternates two kinds of step: run without --cuda-graph or with --arch-every 1")
         return self
 
     def methods(self) -> tuple:

@@ -135,7 +135,8 @@ TINY = dict(dataset="digits", layout="N,R,N", steps=2, multiplier=2, channels=4,
 METHODS = {
     "darts-second-fused": dict(order="second"),
     "pc-darts": dict(method="pc-darts", partial_channels=2, arch_warmup_epochs=0),
-    "proxyless": dict(method="proxyless"),
+    # No warm-up, an α step after every 2nd batch (after it, as the preset): α moves in 2 steps per epoch.
+    "proxyless": dict(method="proxyless", arch_warmup_epochs=0, arch_every=2),
     "p-darts": dict(method="p-darts", layout=None, stages="3:8,3:3", skip_dropout="0.0,0.5", arch_warmup_epochs=1,
                     epochs=2),
     "darts-minus-checkpoint": dict(order="first", aux_skip=True, backend="checkpoint"),

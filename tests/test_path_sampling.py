@@ -507,8 +507,10 @@ def test_cell_recompute_gives_the_same_sampled_gradients():
 
 # -- 7. the search loop ----------------------------------------------------------
 
+# No warm-up, and an α step after every 2nd batch (the preset's 13 epochs and every 5th are a 50-epoch run's).
 PROXYLESS = dict(method="proxyless", dataset="digits", layout="N,R,N", layers=None, channels=4, steps=2,
-                 multiplier=2, batch_size=16, max_steps=2, epochs=2, device="cpu", progress=False)
+                 multiplier=2, batch_size=16, max_steps=2, epochs=2, device="cpu", progress=False,
+                 arch_warmup_epochs=0, arch_every=2)
 
 
 def test_proxyless_search_resumes_exactly(tmp_path, monkeypatch):
