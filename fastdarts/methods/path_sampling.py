@@ -134,7 +134,7 @@ class PathSampler:
             # Edges whose active op is `none` are not updated (the original's grad = None).
             skipped = (active == torch.tensor(nones)).to(alpha.device)
             keep = skipped.unsqueeze(1)
-            if bool(skipped.any()):
+            if any(k >= 0 for k in nones):  # decided on the host lists: no read of a device value
                 alpha.copy_(torch.where(keep, old, alpha))
                 # Adam's moments too (zeros where the step created them).
                 for key, value in state.items():
