@@ -25,9 +25,10 @@ from .method import PRESETS, Option, method_options
 from . import methods  # noqa: F401  (registers the methods beyond DARTS, whose flags follow)
 from .mixed_op import MIXED_OP_BACKENDS
 from .recompute import RECOMPUTE_MODES
-from .search_config import DEFAULT_LAYERS, SearchConfig
+from .data import DATASETS
+from .search_config import DEFAULT_LAYERS, STEMS, SearchConfig
 from .search_loop import search
-from .train_loop import TrainConfig, train
+from .train_loop import IMAGENET_TRAINING, LR_SCHEDULES, NETWORK_KINDS, TrainConfig, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,9 +65,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _by_method(field: str) -> str:
-    """Help text for a flag whose default is the method's preset."""
+def _by_method(field: str, unset: str | None = None) -> str:
+    """Help text for a flag whose default is the method's preset; with ``unset`` (what no value means),
+    only the presets that set it are listed."""
     off = method_options()[field].off if field in method_options() else None
+    if unset is not None:
+        values = ", ".join(f"{name}: {p[field]}" for name, p in PRESETS.items() if p.get(field) is not None)
+        return f"(default: {unset}" + (f"; {values})" if values else ")")
     values = ", ".join(f"{name}: {preset.get(field, off)}" for name, preset in PRESETS.items())
     return f"(default: the method's; {values})"
 
@@ -91,6 +96,31 @@ def _add_option(group, option: Option) -> None:
                        help=option.help + (" " + _by_method(option.name) if named else ""))
 
 
+_DATASET_HELP = ("cifar10, cifar100 (both downloaded with --download), digits (scikit-learn's 8x8 digits, offline), "
+                 "folder (your images: --data DIR holding train/<class>/ and val/<class>/), or imagenet (the same "
+                 "layout of JPEGs, decoded as they are read)")
+_DATA_HELP = "CIFAR's folder (also where --download puts it), or the folder holding train/ and val/ (or test/)"
+
+
+def _data_options(group, d, *, training: bool = True) -> None:
+    """The data flags every command shares (``d``: the command's config defaults)."""
+    group.add_argument("--dataset", default=d.dataset, choices=list(DATASETS), help=_DATASET_HELP)
+    group.add_argument("--data", default=d.data, help=_DATA_HELP)
+    group.add_argument("--download", action="store_true", help="download CIFAR-10/100 into --data if missing")
+    if training:  # evaluation takes the size the network was trained at
+        group.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                           help="folder: shorter side resized to S, centre-cropped to SxS (default: the median "
+                                "image's shorter side, at most 64); imagenet: the training crop (default 224)")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="folder: drop (and count) unreadable images instead of stopping at the first")
+    group.add_argument("--workers", type=_non_negative_int, default=None,
+                       help="processes decoding images (imagenet; a folder's first read): default the usable "
+                            "cores less one, at most 8; 0 decodes in this process")
+    group.add_argument("--data-budget-mb", type=float, default=None, metavar="MB",
+                       help="hold uint8 images on the device up to this size, stream them from host memory "
+                            "beyond it (default: a quarter of the device's memory; 0: always stream)")
+
+
 def search_parser() -> argparse.ArgumentParser:
     d = SearchConfig()
     p = _Parser(
@@ -103,11 +133,15 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=d.method, choices=list(PRESETS),
                    help="search method; sets the flags marked 'the method's'")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=d.dataset, choices=["cifar10", "digits"],
-                      help="cifar10, or scikit-learn's bundled 8x8 digits (offline)")
-    data.add_argument("--data", default=d.data, help="directory holding (or receiving) CIFAR-10")
-    data.add_argument("--download", action="store_true", help="download CIFAR-10 into --data if missing")
+    _data_options(data, d)
+    data.add_argument("--subset", type=float, default=None, metavar="FRACTION",
+                      help="search on a class-balanced FRACTION of each class for the weights and a disjoint "
+                           "FRACTION/4 for α, as PC-DARTS' ImageNet search (0.1: 10 %% and 2.5 %%) "
+                           + _by_method("subset", "none: DARTS' halves of the training set"))
     space = p.add_argument_group("search space")
+    space.add_argument("--stem", choices=list(STEMS), default=None,
+                       help="cifar: one 3x3 convolution; imagenet: PC-DARTS' three stride-2 3x3 convolutions "
+                            "(224 -> 28) (default: imagenet for --dataset imagenet, else cifar)")
     space.add_argument("--ops", default=d.ops, help="op set (darts, extended) or comma-separated op names")
     shape = space.add_mutually_exclusive_group()
     shape.add_argument("--layers", type=_positive_int, default=d.layers,
@@ -284,30 +318,40 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--genotype", default=d.genotype,
                    help=f"a published genotype ({', '.join(GENOTYPES)}) or a genotype.json from fastdarts-search")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=d.dataset, choices=["cifar10", "digits"],
-                      help="cifar10 (the whole 50k training set; tested on the 10k test set), or the offline digits")
-    data.add_argument("--data", default=d.data, help="directory holding (or receiving) CIFAR-10")
-    data.add_argument("--download", action="store_true", help="download CIFAR-10 into --data if missing")
+    _data_options(data, d)
     data.add_argument("--cutout", type=_non_negative_int, default=None,
                       help="cutout square side in pixels, 0 for none (default: 16 on 32x32 images, "
                            "the same fraction of other sizes: 4 on digits)")
     net = p.add_argument_group("network")
-    net.add_argument("--layers", type=_positive_int, default=d.layers,
-                     help="number of cells; reductions at layers//3 and 2*layers//3")
-    net.add_argument("--channels", type=_positive_int, default=d.channels, help="initial channels C")
-    net.add_argument("--no-auxiliary", dest="auxiliary", action="store_false",
+    net.add_argument("--network", choices=list(NETWORK_KINDS), default=None,
+                     help="cifar: NetworkCIFAR; imagenet: NetworkImageNet (three stride-2 stem convolutions) "
+                          "(default: imagenet for --dataset imagenet, else cifar)")
+    net.add_argument("--layers", type=_positive_int, default=None,
+                     help="number of cells; reductions at layers//3 and 2*layers//3 " + _by_dataset("layers"))
+    net.add_argument("--channels", type=_positive_int, default=None, help="initial channels C "
+                     + _by_dataset("channels"))
+    net.add_argument("--no-auxiliary", dest="auxiliary", action="store_false", default=None,
                      help="no auxiliary head (default: one after the cell at 2/3 depth)")
-    net.add_argument("--auxiliary-weight", type=float, default=d.auxiliary_weight)
-    net.add_argument("--drop-path-prob", type=float, default=d.drop_path_prob,
+    net.add_argument("--auxiliary-weight", type=float, default=None, help=_by_dataset("auxiliary_weight"))
+    net.add_argument("--drop-path-prob", type=float, default=None,
                      help="drop-path probability p, ramped linearly from 0 in the first epoch to p*(E-1)/E in the "
-                          "last (E = --epochs), as in the original code")
+                          "last (E = --epochs), as in the original code " + _by_dataset("drop_path_prob"))
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    opt.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    opt.add_argument("--lr", type=float, default=d.lr, help="learning rate (cosine-annealed to --lr-min)")
+    opt.add_argument("--batch-size", type=_positive_int, default=None, help=_by_dataset("batch_size"))
+    opt.add_argument("--epochs", type=_positive_int, default=None, help=_by_dataset("epochs"))
+    opt.add_argument("--lr", type=float, default=None, help="learning rate " + _by_dataset("lr"))
+    opt.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
+                     help="cosine: annealed to --lr-min; exponential: lr * gamma^epoch " + _by_dataset("lr_schedule"))
     opt.add_argument("--lr-min", type=float, default=d.lr_min)
+    opt.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="the exponential schedule's factor per epoch")
+    opt.add_argument("--warmup-epochs", type=_non_negative_int, default=d.warmup_epochs,
+                     help="ramp the lr linearly over the first epochs (PC-DARTS' ImageNet training at batch 1024: 5)")
+    opt.add_argument("--lr-reference-batch", type=_positive_int, default=None, metavar="B",
+                     help="scale --lr by batch-size / B (the linear scaling rule for large batches; e.g. 128 "
+                          "for DARTS' ImageNet lr)")
+    opt.add_argument("--label-smoothing", type=float, default=None, help=_by_dataset("label_smoothing"))
     opt.add_argument("--momentum", type=float, default=d.momentum)
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--weight-decay", type=float, default=None, help=_by_dataset("weight_decay"))
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
     run = p.add_argument_group("run")
     _fast_options(run, "training and testing")
@@ -323,8 +367,22 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _by_dataset(field: str) -> str:
+    """Help text for a training flag whose default depends on the data set."""
+    return f"(default {getattr(TrainConfig(), field)}; --dataset imagenet: {IMAGENET_TRAINING[field]})"
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration of parsed flags: those not given take the data set's defaults
+    (DARTS' ImageNet training for --dataset imagenet, the paper's CIFAR-10 training otherwise)."""
+    given = vars(args)
+    defaults = {**{k: getattr(TrainConfig(), k) for k in IMAGENET_TRAINING},
+                **(IMAGENET_TRAINING if given["dataset"] == "imagenet" else {})}
+    return TrainConfig(**{k: (defaults[k] if k in defaults and v is None else v) for k, v in given.items()})
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
-    config = TrainConfig(**vars(train_parser().parse_args(argv)))
+    config = train_config(train_parser().parse_args(argv))
     # train() takes its place in the process group that _run_distributed set up.
     return _run_distributed("fastdarts-train", lambda context: train(config), device=config.device,
                             batch_size=config.batch_size, resume_from=config.out)[0]
@@ -343,10 +401,7 @@ def eval_parser() -> argparse.ArgumentParser:
                         "for a fastdarts file, checked against the one it was trained with")
     p.add_argument("--channels", type=_positive_int, default=None, help="check the network's initial channels")
     p.add_argument("--layers", type=_positive_int, default=None, help="check the network's number of cells")
-    p.add_argument("--dataset", default=None, choices=["cifar10", "digits"],
-                   help="test set (default: the one the file was trained on, else cifar10)")
-    p.add_argument("--data", default="./data", help="directory holding (or receiving) CIFAR-10")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data if missing")
+    _data_options(p, argparse.Namespace(dataset=None, data="./data"), training=False)
     p.add_argument("--batch-size", type=_positive_int, default=256)
     _fast_options(p, "the forward passes", bf16_default=False)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -359,7 +414,8 @@ def _print_eval(result: dict, path: str) -> None:
     print(f"test accuracy: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"(error {100 - result['top1']:.2f}%, loss {result['loss']:.4f})")
     print(f"parameters: {result['parameters'] / 1e6:.2f} M ({result['parameters']:,}; "
-          f"{result['parameters_with_auxiliary']:,} with the auxiliary head)")
+          f"{result['parameters_with_auxiliary']:,} with the auxiliary head); multiply-adds: "
+          f"{result['multiply_adds'] / 1e6:.1f} M per image at {'x'.join(map(str, result['input_shape']))}")
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -370,7 +426,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_checkpoint(
             args.checkpoint, genotype=args.genotype, channels=args.channels, layers=args.layers, dataset=args.dataset,
             data=args.data, download=args.download, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
-            channels_last=args.channels_last, dist=context)
+            channels_last=args.channels_last, dist=context, workers=args.workers, data_budget_mb=args.data_budget_mb,
+            skip_bad_images=args.skip_bad_images)
         return result if context.is_main else None  # rank 0 prints
 
     status, result = _run_distributed("fastdarts-eval", evaluate, device=args.device, batch_size=args.batch_size)

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import _Help, _non_negative_int, _Parser, _positive_int, _run
-from .data import DeviceLoader
+from .data import DeviceLoader, Loaders
 from .errors import FastDartsError
+from .ops import stem_output_size
 from .genotype import DARTS_V2, Genotype, genotype_op_weights, num_edges
 from .layout import reduction_layout
 from .method import overrides
@@ -104,9 +105,12 @@ class RankConfig:
         self.train_config(DARTS_V2, dataset="digits", out=self.out_dir).checked()
         return self
 
-    def train_config(self, genotype: Genotype, *, dataset: str, out: Path, resume: bool = False) -> TrainConfig:
-        """The stand-alone training run of one architecture."""
-        return TrainConfig(genotype=genotype, dataset=dataset, data=self.data, layers=self.layers,
+    def train_config(self, genotype: Genotype, *, dataset: str, out: Path, resume: bool = False,
+                     image_size: int | None = None, skip_bad_images: bool = False) -> TrainConfig:
+        """The stand-alone training run of one architecture (on the search's data: ``dataset``,
+        ``image_size``, ``skip_bad_images``)."""
+        return TrainConfig(genotype=genotype, dataset=dataset, image_size=image_size,
+                           skip_bad_images=skip_bad_images, data=self.data, layers=self.layers,
                            channels=self.channels, epochs=self.train_epochs, batch_size=self.batch_size,
                            max_steps=self.max_steps, seed=self.seed, device=self.device, out=str(out),
                            resume=resume, progress=self.progress)
@@ -282,11 +286,13 @@ def scoring_loaders(search_config, dataset, device: torch.device) -> tuple[Devic
     """The calibration loader (the search's weight half, augmented as the
     search trained on it) and the validation loader (its architecture half,
     not augmented), both at the search's batch size."""
-    train_set, val_set = dataset.search_split(search_config.train_portion)
-    common = dict(device=device, mean=dataset.mean, std=dataset.std)
-    calib = DeviceLoader(train_set, search_config.batch_size, shuffle=True, seed=search_config.seed,
-                         crop_padding=dataset.crop_padding, flip=dataset.flip, **common)
-    return calib, DeviceLoader(val_set, search_config.batch_size, shuffle=False, **common)
+    loaders = Loaders(dataset, dataset.search_split(search_config.train_portion, search_config.subset,
+                                                    search_config.seed),
+                      device, workers=search_config.workers)
+    train_set, val_set = loaders.placed
+    calib = loaders(train_set, search_config.batch_size, train=True, shuffle=True, seed=search_config.seed,
+                    colour_jitter=False)  # augmented as the search trained on it
+    return calib, loaders(val_set, search_config.batch_size, train=False, shuffle=False)
 
 
 # ---------------------------------------------------------------- statistics, files
@@ -403,32 +409,36 @@ def _prepare_out(config: RankConfig, settings: dict) -> list[dict]:
 
 def _check_image_size(config: RankConfig, dataset) -> None:
     reductions = sum(reduction_layout(config.layers))
-    if dataset.image_size < 2 ** reductions:
+    # The stand-alone networks are NetworkImageNet on ImageNet (TrainConfig's default network).
+    size = stem_output_size("imagenet" if dataset.name == "imagenet" else "cifar", dataset.image_size)
+    if size < 2 ** reductions:
         raise FastDartsError(f"{config.layers} layers have {reductions} reduction cells, but {dataset.image_size}x"
-                             f"{dataset.image_size} {dataset.name} images allow at most "
-                             f"{dataset.image_size.bit_length() - 1}")
+                             f"{dataset.image_size} {dataset.name} images ({size}x{size} after the stem) allow at "
+                             f"most {size.bit_length() - 1}")
 
 
 def _quiet(_: str) -> None:
     pass
 
 
-def train_standalone(config: RankConfig, genotype: Genotype, dataset_name: str, out: Path):
-    """The architecture trained from scratch in ``out`` (``TrainResult``),
+def train_standalone(config: RankConfig, genotype: Genotype, search_config, out: Path):
+    """The architecture trained from scratch in ``out`` (``TrainResult``) on the search's data,
     continuing its own checkpoint if an interrupted run left one there."""
     resume = (out / TRAIN_CHECKPOINT).exists()
-    return train(config.train_config(genotype, dataset=dataset_name, out=out, resume=resume), log=_quiet)
+    return train(config.train_config(genotype, dataset=search_config.dataset, out=out, resume=resume,
+                                     image_size=search_config.image_size,
+                                     skip_bad_images=search_config.skip_bad_images), log=_quiet)
 
 
 def rank_architecture(index: int, genotype: Genotype, model: nn.Module, loaders: tuple[DeviceLoader, DeviceLoader],
-                      config: RankConfig, dataset_name: str) -> dict:
+                      config: RankConfig, search_config) -> dict:
     """One architecture's entry of ``rank.json``: its supernet score, α score
     and stand-alone accuracy (index 0 is the search's own)."""
     start = time.perf_counter()
     entry = dict(index=index, derived=index == 0, genotype=genotype.to_dict(),
                  **supernet_score(model, genotype, *loaders, config.calib_batches, config.max_steps),
                  alpha_score=alpha_score(model, genotype))
-    trained = train_standalone(config, genotype, dataset_name, config.out_dir / "archs" / f"{index:03d}")
+    trained = train_standalone(config, genotype, search_config, config.out_dir / "archs" / f"{index:03d}")
     entry.update(standalone_acc=trained.test_acc, parameters=trained.parameters,
                  seconds=time.perf_counter() - start)
     return entry
@@ -481,7 +491,7 @@ def rank(config: RankConfig | None = None, *, log: Callable[[str], None] = print
                dynamic_ncols=True)
     try:
         for index in range(len(finished), len(genotypes)):
-            entry = rank_architecture(index, genotypes[index], model, loaders, config, search_config.dataset)
+            entry = rank_architecture(index, genotypes[index], model, loaders, config, search_config)
             architectures.append(entry)
             save()
             bar.update()

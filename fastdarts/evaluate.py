@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from .checkpoints import TRAIN_FORMAT, WEIGHTS_FORMAT, check_entries, kind_of, load_model_state
 from .distributed import DistContext, all_reduce_sum_, main_rank_first, per_rank_batch
 from .errors import FastDartsError
-from .eval_network import NetworkCIFAR, count_parameters
+from .eval_network import GenotypeNetwork, build_network, count_parameters, network_from_spec
+from .model_size import count_multiply_adds
 from .files import read_torch
 from .genotype import Genotype
 from .run_utils import resolve_device, resolve_fast_options
@@ -104,7 +105,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
 def load_original_darts_state_dict(obj: Any) -> "OrderedDict[str, torch.Tensor]":
     """A state_dict saved by the original DARTS code (or a checkpoint dict or
-    DataParallel wrapper around one) as a state_dict that ``NetworkCIFAR``
+    DataParallel wrapper around one) as a state_dict that ``NetworkCIFAR`` (or ``NetworkImageNet``)
     loads by name. See the module docstring for what is converted."""
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -128,23 +129,33 @@ def load_original_darts_state_dict(obj: Any) -> "OrderedDict[str, torch.Tensor]"
 
 def _infer_spec(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
     """Channels, depth, classes and auxiliary head of an original state_dict, from its tensors."""
+    # NetworkImageNet's stem0 starts with a conv to C/2 channels; NetworkCIFAR's stem with one to 3C.
+    kind = "imagenet" if "stem0.0.weight" in state else "cifar"
     try:
-        stem = state["stem.0.weight"]
+        stem = state["stem0.0.weight" if kind == "imagenet" else "stem.0.weight"]
         classifier = state["classifier.weight"]
     except KeyError as e:
-        raise FastDartsError(f"{path} is not the state_dict of a DARTS NetworkCIFAR: it has no {e.args[0]}") from None
-    if stem.dim() != 4 or stem.shape[0] % 3:
+        raise FastDartsError(f"{path} is not the state_dict of a DARTS NetworkCIFAR or NetworkImageNet: it has no "
+                             f"{e.args[0]}") from None
+    if kind == "imagenet":
+        if stem.dim() != 4:
+            raise FastDartsError(f"{path}: stem0.0.weight has shape {tuple(stem.shape)}, expected "
+                                 f"[C/2, in_channels, 3, 3]")
+        channels = 2 * stem.shape[0]
+    elif stem.dim() != 4 or stem.shape[0] % 3:
         raise FastDartsError(f"{path}: stem.0.weight has shape {tuple(stem.shape)}, expected [3*C, in_channels, 3, 3]")
+    else:
+        channels = stem.shape[0] // 3
     cells = {int(k.split(".")[1]) for k in state if k.startswith("cells.") and k.split(".")[1].isdigit()}
     if not cells:
         raise FastDartsError(f"{path} is not the state_dict of a DARTS NetworkCIFAR: it has no cells")
-    return dict(channels=stem.shape[0] // 3, in_channels=stem.shape[1], layers=max(cells) + 1,
+    return dict(kind=kind, channels=channels, in_channels=stem.shape[1], layers=max(cells) + 1,
                 num_classes=classifier.shape[0], auxiliary=any(k.startswith("auxiliary_head.") for k in state))
 
 
 @dataclass
 class LoadedNetwork:
-    model: NetworkCIFAR
+    model: GenotypeNetwork
     source: str                 # "fastdarts" or "original DARTS state_dict"
     dataset: str | None         # the data set it was trained on, where the file says
     epoch: int | None
@@ -172,7 +183,7 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
             spec["image_size"] = image_size
         check_eval_size(spec, map_location, source=str(path))  # its weights, before it is built
         try:
-            model = NetworkCIFAR.from_spec(spec)
+            model = network_from_spec(spec)
         except FastDartsError as e:
             raise FastDartsError(f"{path} is a damaged fastdarts file: {e}") from None
         if genotype is not None and genotype != model.genotype:
@@ -203,16 +214,17 @@ def load_trained(path: str | Path, *, genotype: Genotype | None = None, channels
     for name, value in (("channels", channels), ("layers", layers)):
         if value is not None and value != spec[name]:
             raise FastDartsError(f"{path} holds a network with {name}={spec[name]}, not {value}")
-    check_eval_size({**spec, "genotype": genotype.to_dict(), "image_size": image_size or 32}, map_location,
-                    source=str(path))
-    model = NetworkCIFAR(genotype, C=spec["channels"], num_classes=spec["num_classes"], layers=spec["layers"],
-                         auxiliary=spec["auxiliary"], in_channels=spec["in_channels"],
-                         image_size=image_size or 32)
+    default_size = 224 if spec["kind"] == "imagenet" else 32
+    check_eval_size({**spec, "genotype": genotype.to_dict(), "image_size": image_size or default_size},
+                    map_location, source=str(path))
+    model = build_network(spec["kind"], genotype, C=spec["channels"], num_classes=spec["num_classes"],
+                          layers=spec["layers"], auxiliary=spec["auxiliary"], in_channels=spec["in_channels"],
+                          image_size=image_size or default_size)
     load_model_state(model, state, path, f"the given genotype at C={spec['channels']}, {spec['layers']} layers")
     return LoadedNetwork(model, "original DARTS state_dict", None, None)
 
 
-def parameter_counts(model: NetworkCIFAR) -> dict[str, int]:
+def parameter_counts(model: GenotypeNetwork) -> dict[str, int]:
     return dict(parameters=count_parameters(model), parameters_with_auxiliary=count_parameters(model, True))
 
 
@@ -220,7 +232,9 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
                         layers: int | None = None, dataset: str | None = None, data: str = "./data",
                         download: bool = False, batch_size: int = 256, device: str = "auto",
                         bf16: bool | None = None, channels_last: bool | None = None,
-                        max_steps: int | None = None, dist: DistContext | None = None) -> dict[str, Any]:
+                        max_steps: int | None = None, dist: DistContext | None = None,
+                        workers: int | None = None, data_budget_mb: float | None = None,
+                        skip_bad_images: bool = False) -> dict[str, Any]:
     """Test accuracy (top-1, top-5, percent), loss and parameter counts of the
     network in ``path`` (see ``load_trained``) on ``dataset``'s test set
     (default: the one it was trained on, else CIFAR-10). The forward passes
@@ -232,7 +246,7 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
     Under ``dist`` (a multi-process run) the device is the rank's, and the
     test set is shared out among the ranks batch by batch (``batch_size`` is
     the global batch) and the result reduced over them (see ``evaluate``)."""
-    from .data import DeviceLoader, load_dataset
+    from .data import FOLDER_DATASETS, Loaders, load_dataset
     from .genotype import get_genotype
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -247,9 +261,14 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
     loaded = load_trained(path, genotype=genotype, channels=channels, layers=layers, map_location="cpu")
     model, spec = loaded.model, loaded.model.spec()
     name = dataset or loaded.dataset or "cifar10"
-    # A download goes into one folder: rank 0 fetches it while the others wait.
+    # A folder's images at the size the network was trained on (its cache is kept per size).
+    image_size = spec["image_size"] if name in FOLDER_DATASETS and loaded.source == "fastdarts" else None
+    # A download goes into one folder: rank 0 fetches it while the others wait; a folder's cache too,
+    # the others waiting on the file system.
     with main_rank_first(dist) if download and dist is not None else contextlib.nullcontext():
-        data_set = load_dataset(name, data, download=download)
+        data_set = load_dataset(name, data, download=download, image_size=image_size, workers=workers,
+                                skip_bad_images=skip_bad_images, progress=False,
+                                build_cache=dist is None or dist.is_main)
     shape = (spec["in_channels"], spec["num_classes"])
     if (data_set.in_channels, data_set.num_classes) != shape:
         raise FastDartsError(
@@ -259,7 +278,7 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
         raise FastDartsError(f"{path} was trained on {spec['image_size']}x{spec['image_size']} images, but {name}'s "
                              f"are {data_set.image_size}x{data_set.image_size}")
     if loaded.source != "fastdarts" and data_set.image_size != spec["image_size"]:
-        model = NetworkCIFAR.from_spec({**spec, "image_size": data_set.image_size})
+        model = network_from_spec({**spec, "image_size": data_set.image_size})
         model.load_state_dict(loaded.model.state_dict())
     bf16, channels_last = resolve_fast_options(target, bf16, channels_last, bf16_default=False)
     # The forward at this batch (and the weights, where they are not in host memory already).
@@ -268,9 +287,11 @@ def evaluate_checkpoint(path: str | Path, *, genotype: str | Genotype | None = N
     model = model.to(target)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = DeviceLoader(data_set.test, batch_size, device=target, mean=data_set.mean, std=data_set.std,
-                          shuffle=False, shard=shard)
+    loaders = Loaders(data_set, (data_set.test,), target, shard=shard, budget_mb=data_budget_mb, workers=workers)
+    loader = loaders(loaders.placed[0], batch_size, train=False, shuffle=False)
     result = evaluate(model, loader.epoch(0), bf16=bf16, channels_last=channels_last, max_steps=max_steps,
                       dist=dist)
-    return dict(result, **parameter_counts(model), dataset=name, source=loaded.source, epoch=loaded.epoch,
+    input_shape = (data_set.in_channels, data_set.image_size, data_set.image_size)
+    return dict(result, **parameter_counts(model), multiply_adds=count_multiply_adds(model, input_shape),
+                input_shape=input_shape, dataset=name, source=loaded.source, epoch=loaded.epoch,
                 network=spec, bf16=bf16, channels_last=channels_last, device=str(target))

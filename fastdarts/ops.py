@@ -161,3 +161,31 @@ def resolve_ops(ops: str | Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise FastDartsError(f"op list {list(names)} names an op twice")
     return names
+
+
+def imagenet_stems(in_channels: int, C: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """The ImageNet stems of DARTS' ``NetworkImageNet`` (and of the ImageNet supernet, with 3C): ``stem0``
+    (conv 3x3 stride 2 to C/2, BN, ReLU, conv 3x3 stride 2 to C, BN) and ``stem1`` (ReLU, conv 3x3
+    stride 2, BN): 224 -> 56 -> 28. The originals' ReLUs are in place (stem1's overwrites s0 with
+    relu(s0)); every consumer of s0 starts with a ReLU, so out of place gives the same values."""
+    stem0 = nn.Sequential(
+        nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C // 2),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
+    stem1 = nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
+    return stem0, stem1
+
+
+def stem_output_size(stem: str, size: int) -> int:
+    """The side of the maps the first cell gets from ``size`` x ``size`` images: the ``imagenet`` stems'
+    three stride-2 3x3 convolutions (padding 1) take 224 to 28; the ``cifar`` stem keeps the size."""
+    for _ in range(3 if stem == "imagenet" else 0):
+        size = (size - 1) // 2 + 1
+    return size

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .data import check_data_settings
 from .errors import FastDartsError
 from .layout import layout_string, reduction_layout
 from .method import method_options, methods_for, preset, register_preset, registered_methods
@@ -20,6 +21,7 @@ from .mixed_op import DEFAULT_BACKEND, check_backend
 from .ops import resolve_ops
 from .recompute import check_recompute
 from .run_utils import check_finite_settings
+from .supernet import STEMS
 
 DEFAULT_LAYERS = 8  # the paper's search network
 
@@ -39,6 +41,13 @@ class _CoreFields:
     dataset: str = "cifar10"
     data: str = "./data"
     download: bool = False
+    image_size: int | None = None      # folder: images resized to it (None: median shorter side, <= 64); imagenet: crop
+    skip_bad_images: bool = False      # folder: drop unreadable images instead of stopping
+    subset: float | None = None        # a class-balanced fraction trains w, a disjoint quarter of it α (the
+                                       # ImageNet search of Xu et al., 2020); None: the train_portion split
+    stem: str | None = None            # "cifar" (one 3x3 conv) or "imagenet" (three stride-2); None: the data set's
+    workers: int | None = None         # processes decoding images (ImageNet; building a folder's cache)
+    data_budget_mb: float | None = None  # uint8 images held on the device up to this (None: serving.py's default)
     ops: str | Sequence[str] = "darts"
     layers: int | None = None          # cells (None: DEFAULT_LAYERS); reductions at layers//3 and 2*layers//3
     layout: str | None = None          # e.g. "N,R,N"; replaces `layers`
@@ -77,7 +86,7 @@ CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(_CoreFields)) - {"opt
 
 # What a checkpoint written before a field existed ran: DARTS (every method option at its `off` value).
 _LEGACY_CORE = dict(method="darts", arch_warmup_epochs=0, arch_beta1=0.5, arch_grad_clip=None, arch_every=1,
-                    arch_after_weights=False)
+                    arch_after_weights=False, image_size=None, skip_bad_images=False, subset=None, stem="cifar")
 
 
 def legacy_fields() -> dict[str, Any]:
@@ -93,7 +102,7 @@ class SearchConfig(_CoreFields):
     # Fields that do not change what a run computes: a resumed run may differ in
     # these (the device only within its type: see the search loop's resume).
     RUNTIME_ONLY = ("data", "download", "backend", "recompute", "cuda_graph", "device", "out", "resume",
-                    "progress")
+                    "progress", "workers", "data_budget_mb")
 
     def __init__(self, *args, options: dict[str, Any] | None = None, **kwargs):
         known = method_options()
@@ -163,6 +172,15 @@ class SearchConfig(_CoreFields):
             raise FastDartsError(f"arch-after-weights must be true or false, got {self.arch_after_weights!r}")
         if not 0 <= self.seed < 2 ** 32:
             raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
+        check_data_settings(self.dataset, image_size=self.image_size, skip_bad_images=self.skip_bad_images,
+                            workers=self.workers, download=self.download, data_budget_mb=self.data_budget_mb)
+        if self.subset is not None and not (isinstance(self.subset, (int, float)) and 0 < self.subset <= 0.8):
+            raise FastDartsError(f"subset must be a fraction in (0, 0.8] (of each class, training w; α gets a "
+                                 f"quarter of it), got {self.subset!r}")
+        stem = self.stem if self.stem is not None else ("imagenet" if self.dataset == "imagenet" else "cifar")
+        if stem not in STEMS:
+            raise FastDartsError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        self = dataclasses.replace(self, stem=stem)
         check_backend(self.backend)
         check_recompute(self.recompute)
         ops = resolve_ops(self.ops)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .architect import Architect, frozen
 from .checkpoints import SEARCH_FORMAT, damaged, load_model_state, load_optimizer_state, read_checked
 from .cuda_graph import DeviceLrSGD, GraphedStep, adam_capturable, check_cuda_graph, hold_lr_on_device
-from .data import DeviceLoader, load_dataset
+from .data import DeviceLoader, Loaders, load_dataset
 from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_mean_, all_reduce_sum_, barrier, broadcast_, collective_failures,
                           launch, main_rank_first, per_rank_batch)
@@ -47,6 +47,7 @@ from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
 from .method import method_options
 from .mixed_op import DEFAULT_BACKEND
+from .ops import stem_output_size
 from .rank_stats import rank_measures, skip_connects
 from .run_utils import (EpochProgress, check_finite_epoch, cosine_lr, resolve_device, seed_everything, set_lr,
                         steps_per_epoch)
@@ -131,7 +132,8 @@ def load_search(run_dir: str | Path, *, data: str = "./data", device: str = "cpu
         config = config.checked()
     except FastDartsError as e:
         raise damaged(path, f"its configuration is invalid ({e})") from None
-    dataset = load_dataset(config.dataset, data)
+    dataset = load_dataset(config.dataset, data, image_size=config.image_size,
+                           skip_bad_images=config.skip_bad_images, progress=False)
     stage = state.get("stage")
     try:
         model = build_supernet(config, dataset, resolve_device(device),
@@ -177,29 +179,38 @@ class SearchRun:
         if config.cuda_graph:  # what the methods cannot capture was refused by config.checked()
             check_cuda_graph(self.device, distributed=dist.distributed)
         seed_everything(config.seed)
-        # A download goes into one folder: rank 0 fetches it while the others wait.
+        # A download goes into one folder: rank 0 fetches it while the others wait; a folder's cache
+        # too, the others waiting on the file system (decoding may outlast a collective's timeout).
         with main_rank_first(dist) if config.download else contextlib.nullcontext():
-            dataset = self.dataset = load_dataset(config.dataset, config.data, download=config.download)
+            dataset = self.dataset = load_dataset(
+                config.dataset, config.data, download=config.download, image_size=config.image_size,
+                skip_bad_images=config.skip_bad_images, workers=config.workers,
+                progress=config.progress and dist.is_main, log=self.log, build_cache=dist.is_main)
+        size = stem_output_size(config.stem, dataset.image_size)  # what the cells see
         for layout, _ in self.stages:
             reductions = layout.count("R")
-            if dataset.image_size < 2 ** reductions:
+            if size < 2 ** reductions:
                 raise FastDartsError(
                     f"layout {layout} has {reductions} reduction cells, but {dataset.image_size}x"
-                    f"{dataset.image_size} {config.dataset} images allow at most "
-                    f"{dataset.image_size.bit_length() - 1}")
+                    f"{dataset.image_size} {config.dataset} images ({size}x{size} after the {config.stem} stem) "
+                    f"allow at most {size.bit_length() - 1}")
         # Before anything real is built: a supernet that cannot fit is one line saying what fits.
         check_search_size(config, dataset, self.device, world_size=dist.world_size)
-        # Moved once: the loaders of the architecture half then share one copy on the device.
-        train_set, val_set = (part.to(self.device) for part in dataset.search_split(config.train_portion))
-        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std,
-                      shard=(dist.rank, dist.world_size) if dist.distributed else None)
+        # Placed once: the loaders of the architecture half then share one copy on the device.
+        loaders = Loaders(dataset, dataset.search_split(config.train_portion, config.subset, config.seed),
+                          self.device, shard=(dist.rank, dist.world_size) if dist.distributed else None,
+                          budget_mb=config.data_budget_mb, workers=config.workers)
+        train_set, val_set = loaders.placed
         # Shards of equal size (the all-reduces average per-rank means): whole global batches only.
-        augment = dict(crop_padding=dataset.crop_padding, flip=dataset.flip, drop_last=dist.distributed)
-        self.train_loader = DeviceLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
-                                         **augment, **loader)
-        self.arch_loader = DeviceLoader(val_set, config.batch_size, shuffle=True, seed=config.seed + 1,
-                                        **augment, **loader)
-        self.eval_loader = DeviceLoader(val_set, config.batch_size, shuffle=False, **loader)
+        # ImageNet: random-resized crops and flips, no colour jitter, as the ImageNet search of Xu et al. (2020).
+        # Both read at every step: they share the decoding workers.
+        common = dict(train=True, shuffle=True, drop_last=dist.distributed, colour_jitter=False, share=2)
+        self.train_loader = loaders(train_set, config.batch_size, seed=config.seed, **common)
+        self.arch_loader = loaders(val_set, config.batch_size, seed=config.seed + 1, **common)
+        self.eval_loader = loaders(val_set, config.batch_size, train=False, shuffle=False)
+        self.log(f"data: {len(train_set)} images train w, {len(val_set)} train α, of {dataset.name} "
+                 f"({dataset.num_classes} classes, {dataset.in_channels}x{dataset.image_size}x{dataset.image_size}); "
+                 f"{loaders.describe()}")
 
         # Stage 1 right after seeding, as an unstaged run builds its one supernet.
         self._build_stage(0, full_edge_ops(config.ops.split(","), num_edges(config.steps)), reseed=False)

@@ -12,10 +12,11 @@ fits, when the estimate exceeds what the device has:
 - ``check_search_size(config, dataset, device)``: the supernet of a search
   (``search_loop.build_supernet``) and its step (SGD on the weights, Adam on
   α, first or second order);
-- ``check_train_size(config, dataset, device)``: the ``NetworkCIFAR`` of a
-  training run and its SGD step (auxiliary head and drop path included);
+- ``check_train_size(config, dataset, device)``: the ``NetworkCIFAR`` (or,
+  ``kind="imagenet"``, ``NetworkImageNet``) of a training run and its SGD
+  step (auxiliary head and drop path included);
 - ``check_eval_size(spec, device, batch=...)``: the network a weights file
-  describes (``NetworkCIFAR.spec()``) and a no-grad forward at the batch;
+  describes (``spec()``, of either kind) and a no-grad forward at the batch;
   ``batch=None``: its weights only (what building it takes);
 - ``check_fits(what, build, ...)``: the same for any model builder.
 
@@ -84,7 +85,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .edge_ops import full_edge_ops
 from .errors import FastDartsError
-from .eval_network import NetworkCIFAR
+from .eval_network import NETWORKS, build_network
 from .genotype import Genotype, num_edges
 from .layout import layout_string, reduction_layout
 from .ops import OPS
@@ -327,7 +328,7 @@ class _Profile:
 
 
 def _default_loss(out, y):
-    if isinstance(out, tuple):  # NetworkCIFAR: (logits, logits_aux or None)
+    if isinstance(out, tuple):  # the eval networks: (logits, logits_aux or None)
         loss = F.cross_entropy(out[0], y)
         return loss if len(out) < 2 or out[1] is None else loss + 0.4 * F.cross_entropy(out[1], y)
     return F.cross_entropy(out, y)
@@ -727,8 +728,11 @@ def _search_sizer(config, dataset, edge_ops, copies: int) -> _Sizer:
         for m in model.methods:  # e.g. paths that would be drawn on the host from α's values
             m.prepare_size_estimate(model)
 
+    step = config.channel_step()
+    if getattr(config, "stem", None) == "imagenet":  # an even C (and its stem's 3C//2 linear in C)
+        step = math.lcm(step, 2)
     return _Sizer(make, (dataset.in_channels, dataset.image_size, dataset.image_size), grad=True, copies=copies,
-                  channel_step=config.channel_step(), prepare=prepare)
+                  channel_step=step, prepare=prepare)
 
 
 @_fail_open
@@ -783,38 +787,44 @@ def check_search_size(config, dataset, device: torch.device | str, *, world_size
 
 
 def _network_sizer(genotype, *, num_classes: int, auxiliary: bool, in_channels: int, image_size: int,
-                   grad: bool, copies: int, bf16: bool, drop_path_prob: float = 0.0) -> _Sizer:
+                   grad: bool, copies: int, bf16: bool, drop_path_prob: float = 0.0, kind: str = "cifar") -> _Sizer:
     def make(C, layout):
-        for layers in range(1, len(layout) + 1):  # NetworkCIFAR takes a depth, not a layout
+        for layers in range(1, len(layout) + 1):  # the networks take a depth, not a layout
             if _standard_layout(layers) == layout:
-                return lambda: NetworkCIFAR(genotype, C=C, num_classes=num_classes, layers=layers,
-                                            auxiliary=auxiliary, in_channels=in_channels, image_size=image_size)
+                return lambda: build_network(kind, genotype, C=C, num_classes=num_classes, layers=layers,
+                                             auxiliary=auxiliary, in_channels=in_channels, image_size=image_size)
         return None
 
     def prepare(model):
         model.drop_path_prob = drop_path_prob
 
     # bf16 autocast: activations in half the bytes, plus each forward's bf16 copy of the weights.
+    # NetworkImageNet takes an even C only (and its stem's C//2 is then linear in C).
     return _Sizer(make, (in_channels, image_size, image_size), grad=grad, copies=copies,
                   factor=0.5 if bf16 else 1.0, extra_activation_bytes_per_param=2.0 if bf16 and grad else 0.0,
-                  prepare=prepare)
+                  channel_step=2 if kind == "imagenet" else 1, prepare=prepare)
 
 
 @_fail_open
-def check_train_size(config, dataset, device: torch.device | str, *, world_size: int = 1) -> SizeEstimate | None:
+def check_train_size(config, dataset, device: torch.device | str, *, world_size: int = 1,
+                     kind: str | None = None) -> SizeEstimate | None:
     """Refuse a training run whose network and SGD step cannot fit ``device``.
 
     ``config``: a ``TrainConfig`` (checked here if it is not yet; its
     ``bf16`` None counts as off); ``dataset``: anything with
-    ``num_classes``, ``in_channels`` and ``image_size``. The drop-path
-    probability is taken at its final (largest) value."""
+    ``num_classes``, ``in_channels`` and ``image_size``; ``kind``: the
+    network's (``eval_network.build_network``; None: the config's
+    ``network``, else "cifar"). The drop-path probability is taken at its
+    final (largest) value."""
     config = config.checked()
+    kind = (getattr(config, "network", None) or "cifar") if kind is None else kind
     device = torch.device(device)
     memory = device_memory_bytes(device)
     per_rank = _per_rank(config.batch_size, world_size)
     sizer = _network_sizer(config.genotype, num_classes=dataset.num_classes, auxiliary=config.auxiliary,
                            in_channels=dataset.in_channels, image_size=dataset.image_size, grad=True,
-                           copies=_COPIES["train"], bf16=bool(config.bf16), drop_path_prob=config.drop_path_prob)
+                           copies=_COPIES["train"], bf16=bool(config.bf16), drop_path_prob=config.drop_path_prob,
+                           kind=kind)
     estimate = sizer.estimate(config.channels, config.layers, per_rank, memory)
     if not estimate.fits:
         what = (f"the network (C={config.channels}, {config.layers} cells, batch {config.batch_size}"
@@ -831,8 +841,8 @@ def check_eval_size(spec: Mapping[str, Any], device: torch.device | str, *, batc
                     source: str | None = None) -> SizeEstimate | None:
     """Refuse to build or evaluate the network a weights file describes.
 
-    ``spec``: ``NetworkCIFAR.spec()``'s dict (as stored in the file; a
-    malformed one is left for ``NetworkCIFAR.from_spec`` to report).
+    ``spec``: a network's ``spec()`` dict (as stored in the file; a
+    malformed one is left for ``eval_network.network_from_spec`` to report).
     ``batch=None``: its weights only (before building it on ``device``);
     else also a no-grad forward of ``batch`` images (``world_size`` ranks
     sharing it; ``bf16``: under bf16 autocast). ``include_weights=False``:
@@ -843,14 +853,17 @@ def check_eval_size(spec: Mapping[str, Any], device: torch.device | str, *, batc
     memory = device_memory_bytes(device)
     try:
         genotype = Genotype.from_dict(spec["genotype"])
+        kind = spec.get("kind", "cifar")  # none: a file from before there were two kinds
+        if kind not in NETWORKS or (kind == "imagenet" and int(spec["channels"]) % 2):
+            raise ValueError(kind)
         C, layers = int(spec["channels"]), int(spec["layers"])
         shape = dict(num_classes=int(spec["num_classes"]), auxiliary=bool(spec["auxiliary"]),
                      in_channels=int(spec["in_channels"]), image_size=int(spec["image_size"]))
-    except Exception:  # noqa: BLE001 - from_spec reports a malformed spec
+    except Exception:  # noqa: BLE001 - network_from_spec reports a malformed spec
         return SizeEstimate(0, 0, 0, memory)
     if min(C, layers, *(v for k, v in shape.items() if k != "auxiliary")) <= 0:
         return SizeEstimate(0, 0, 0, memory)
-    sizer = _network_sizer(genotype, **shape, grad=False, copies=_COPIES["eval"], bf16=bf16)
+    sizer = _network_sizer(genotype, **shape, grad=False, copies=_COPIES["eval"], bf16=bf16, kind=kind)
     sizer.count_weights = include_weights
     per_rank = _per_rank(batch, world_size) if batch else 0
     estimate = sizer.estimate(C, layers, per_rank, memory)

@@ -10,9 +10,11 @@ options as keyword arguments (``SearchNetwork(**options)``).
 Parameters are registered in the order of the original code's
 ``model_search.Network`` (stem, cells in order, each with its preprocessing
 and then its edges, ops in op-set order, classifier), so weights copy across
-positionally. The architecture weights α are two ``nn.Parameter``s kept apart
-from the weights (``arch_parameters()`` / ``weight_parameters()``); being
-parameters, they are part of ``state_dict()`` and so of every checkpoint.
+positionally (``stem="imagenet"``: the ImageNet supernet of Xu et al.'s
+``model_search_imagenet.py``, its ``stem0`` and ``stem1`` first). The architecture weights α are two
+``nn.Parameter``s kept apart from the weights (``arch_parameters()`` /
+``weight_parameters()``); being parameters, they are part of
+``state_dict()`` and so of every checkpoint.
 """
 from __future__ import annotations
 
@@ -30,8 +32,17 @@ from .genotype import Genotype, derive_genotype, num_edges
 from .layout import reduction_layout
 from .method import OptionValues, SearchMethod, first, methods_for, overrides
 from .mixed_op import DEFAULT_BACKEND, MixedOp, check_backend
-from .ops import FactorizedReduce, ReLUConvBN, resolve_ops
+from .ops import FactorizedReduce, ReLUConvBN, imagenet_stems, resolve_ops
 from .recompute import check_recompute, recompute_cell, recompute_module
+
+STEMS = ("cifar", "imagenet")
+
+
+def check_stem(stem: Any) -> str:
+    """``stem`` if it names a supernet stem (``SearchNetwork(stem=...)``), else a one-line error."""
+    if stem not in STEMS:
+        raise FastDartsError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
+    return stem
 
 
 class _ConcatNodes(torch.autograd.Function):
@@ -140,6 +151,12 @@ class SearchNetwork(nn.Module):
             ``"cell"``: each cell keeps only its two inputs and rebuilds its
             node states in backward, the stem only the images
             (``recompute.py``); same results.
+        stem: ``"cifar"`` (one 3x3 conv and BN, resolution kept: ``stem``)
+            or ``"imagenet"``, the ImageNet search stem of Xu et al.'s
+            ``model_search_imagenet.py`` (``stem0``, ``stem1``: three
+            stride-2 3x3 convs, 224 -> 28; the first cell halves
+            ``stem0``'s output; needs an even C; with ``recompute="cell"``
+            each keeps only its input). ``stem_kind`` holds the choice.
         edge_ops: ``{"normal": [ops of edge 0, ...], "reduce": [...]}``, the
             ops each edge holds (``edge_ops.py``); None: every edge holds
             every op. α's columns follow each edge's list.
@@ -152,13 +169,14 @@ class SearchNetwork(nn.Module):
                  ops: str | Sequence[str] = "darts", steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
                  in_channels: int = 3, backend: str = DEFAULT_BACKEND, recompute: str = "edge",
                  edge_ops: dict[str, Sequence[Sequence[str]]] | None = None,
-                 methods: Sequence[SearchMethod] | None = None, **options: Any):
+                 methods: Sequence[SearchMethod] | None = None, stem: str = "cifar", **options: Any):
         super().__init__()
         if methods is not None and options:
             raise TypeError("give the methods or their options, not both")
         self.methods = tuple(methods) if methods is not None else methods_for(OptionValues(options))
         self._in_weight_step = False  # set by ``weight_step()``
         self.recompute = check_recompute(recompute)
+        self.stem_kind = check_stem(stem)
         for name, value in (("channels", C), ("num_classes", num_classes), ("steps", steps),
                             ("multiplier", multiplier), ("stem_multiplier", stem_multiplier),
                             ("in_channels", in_channels)):
@@ -166,6 +184,9 @@ class SearchNetwork(nn.Module):
                 raise FastDartsError(f"{name} must be a positive integer, got {value!r}")
         if multiplier > steps:
             raise FastDartsError(f"multiplier ({multiplier}) cannot exceed steps ({steps})")
+        if stem == "imagenet" and C % 2:
+            raise FastDartsError(f"the imagenet stem needs an even number of channels (the first cell halves the"
+                                 f" stem's output with a FactorizedReduce), got {C}")
         self.op_names = resolve_ops(ops)
         self.edge_ops = check_edge_ops(edge_ops, self.op_names, num_edges(steps))
         check_backend(backend)
@@ -175,13 +196,17 @@ class SearchNetwork(nn.Module):
         self.steps, self.multiplier = steps, multiplier
 
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
+        if stem == "imagenet":
+            # As model_search_imagenet.py: 3C//2 then 3C channels, BN affine.
+            self.stem0, self.stem1 = imagenet_stems(in_channels, C_curr)
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
+        reduction_prev = stem == "imagenet"  # the first cell's s0 is twice s1's size
         for reduction in self.reductions:
             if reduction:
                 C_curr *= 2
@@ -254,6 +279,18 @@ class SearchNetwork(nn.Module):
             extras.update(m.forward_extras(self))
         return tuple((w, s, p, extras or None) for w, s, p in zip(weights, scales, paths))
 
+    def stem_states(self, x: torch.Tensor, recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first cell's two inputs from the images ``x`` (``recompute``:
+        each stem module keeping only its input for backward)."""
+        def run(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+            return recompute_module(module, inp) if recompute else module(inp)
+
+        if self.stem_kind == "imagenet":
+            s0 = run(self.stem0, x)
+            return s0, run(self.stem1, s0)
+        s = run(self.stem, x)
+        return s, s
+
     def forward(self, x: torch.Tensor, op_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of ``x``. ``op_weights`` (``{"normal": (edges, ops), "reduce": ...}``)
         replace softmax(α), and the methods' edge scales, sampled paths and
@@ -261,7 +298,7 @@ class SearchNetwork(nn.Module):
         architecture as a discrete sub-network of the supernet (SPEC §9)."""
         arguments = self._cell_arguments(op_weights)
         cell_recompute = self.recompute == "cell" and torch.is_grad_enabled()
-        s0 = s1 = recompute_module(self.stem, x) if cell_recompute else self.stem(x)
+        s0, s1 = self.stem_states(x, cell_recompute)
         ahead = None  # the next cell's FactorizedReduce of s1, run before the cell (below)
         for i, cell in enumerate(self.cells):
             args = arguments[cell.reduction]
@@ -366,13 +403,16 @@ class SearchNetwork(nn.Module):
 
 
 def build_supernet(config: Any, dataset: Any, device: torch.device | str, layout: str | None = None,
-                   edge_ops: dict | None = None, methods: Sequence[SearchMethod] | None = None) -> SearchNetwork:
+                   edge_ops: dict | None = None, methods: Sequence[SearchMethod] | None = None,
+                   stem: str | None = None) -> SearchNetwork:
     """The supernet a (``checked()``) ``SearchConfig`` searches on ``dataset``;
     ``layout`` and ``edge_ops``: a stage's cells and the ops its edges hold;
-    ``methods``: the run's method instances (None: new ones for ``config``)."""
+    ``methods``: the run's method instances (None: new ones for ``config``);
+    ``stem``: ``SearchNetwork``'s (None: the config's ``stem``, else "cifar")."""
     return SearchNetwork(
         C=config.channels, num_classes=dataset.num_classes,
         layers=None, layout=layout or config.layout, ops=config.ops.split(","),
         steps=config.steps, multiplier=config.multiplier, in_channels=dataset.in_channels,
         backend=config.backend, recompute=config.recompute, edge_ops=edge_ops,
-        methods=methods_for(config) if methods is None else methods).to(device)
+        methods=methods_for(config) if methods is None else methods,
+        stem=(getattr(config, "stem", None) or "cifar") if stem is None else stem).to(device)

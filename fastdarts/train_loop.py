@@ -37,21 +37,30 @@ import torch.nn.functional as F
 
 from .checkpoints import TRAIN_FORMAT, WEIGHTS_FORMAT, damaged, load_model_state, load_optimizer_state, read_checked
 from .cuda_graph import DeviceLrSGD, GraphedStep, check_cuda_graph, hold_lr_on_device
-from .data import DeviceLoader, load_dataset
+from .data import DeviceLoader, FileDataset, Loaders, check_data_settings, load_dataset
 from .data.loader import mix_seed
 from .distributed import (DistContext, all_reduce_sum_, barrier, broadcast_, collective_failures, data_parallel,
                           launch, main_rank_first, per_rank_batch)
 from .errors import FastDartsError
-from .eval_network import NetworkCIFAR, count_parameters
+from .eval_network import GenotypeNetwork, build_network, count_parameters
+from .model_size import describe_size
 from .evaluate import autocast, evaluate
 from .files import check_writable, save_torch, write_jsonl
 from .genotype import Genotype, get_genotype
+from .ops import stem_output_size
 from .layout import reduction_layout
 from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_fast_options,
                         seed_everything, set_lr, steps_per_epoch)
 from .size_check import check_train_size
 
 CHECKPOINT = "checkpoint.pt"
+LR_SCHEDULES = ("cosine", "exponential")
+NETWORK_KINDS = ("cifar", "imagenet")
+# DARTS' ImageNet training (the original's train_imagenet.py defaults and README command): what
+# fastdarts-train --dataset imagenet starts from.
+IMAGENET_TRAINING = dict(layers=14, channels=48, batch_size=128, epochs=250, lr=0.1, weight_decay=3e-5,
+                         lr_schedule="exponential", lr_gamma=0.97, label_smoothing=0.1, drop_path_prob=0.0,
+                         auxiliary=True, auxiliary_weight=0.4, grad_clip=5.0, cutout=0)
 # Pass number of the drop-path generator in mix_seed (plus the rank); the loader's passes are 0, 1, ...
 _DROP_PATH_PASS = 1 << 20
 
@@ -63,6 +72,11 @@ class TrainConfig:
     dataset: str = "cifar10"
     data: str = "./data"
     download: bool = False
+    image_size: int | None = None   # folder: images resized to it (None: median shorter side, <= 64); imagenet: crop
+    skip_bad_images: bool = False   # folder: drop unreadable images instead of stopping
+    workers: int | None = None      # processes decoding images (ImageNet; building a folder's cache)
+    data_budget_mb: float | None = None  # uint8 images held on the device up to this (None: serving.py's default)
+    network: str | None = None      # "cifar" or "imagenet" (NetworkImageNet); None: imagenet for --dataset imagenet
     layers: int = 20
     channels: int = 36
     auxiliary: bool = True
@@ -73,6 +87,11 @@ class TrainConfig:
     epochs: int = 600
     lr: float = 0.025
     lr_min: float = 0.0
+    lr_schedule: str = "cosine"     # or "exponential": lr * lr_gamma ** epoch (DARTS' ImageNet training)
+    lr_gamma: float = 0.97
+    warmup_epochs: int = 0          # lr ramped linearly over these first epochs (large-batch ImageNet training)
+    lr_reference_batch: int | None = None  # lr scaled by batch_size / this (the linear scaling rule); None: not
+    label_smoothing: float = 0.0    # DARTS' ImageNet training: 0.1
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
@@ -88,7 +107,11 @@ class TrainConfig:
 
     # Fields that do not change what a run computes (channels_last only in the
     # last bits of float rounding): a resumed run may differ in these.
-    RUNTIME_ONLY = ("data", "download", "device", "out", "resume", "progress", "channels_last", "cuda_graph")
+    RUNTIME_ONLY = ("data", "download", "device", "out", "resume", "progress", "channels_last", "cuda_graph",
+                    "workers", "data_budget_mb")
+    # What a checkpoint written before these fields existed ran.
+    LEGACY = dict(image_size=None, skip_bad_images=False, network="cifar", lr_schedule="cosine", lr_gamma=0.97,
+                  warmup_epochs=0, lr_reference_batch=None, label_smoothing=0.0)
 
     def checked(self) -> "TrainConfig":
         """A validated copy with the genotype resolved to a ``Genotype``, so
@@ -120,8 +143,36 @@ class TrainConfig:
             raise FastDartsError(f"drop-path-prob must be in [0, 1), got {self.drop_path_prob!r}")
         if not 0 <= self.seed < 2 ** 32:
             raise FastDartsError(f"seed must be in 0..2**32-1, got {self.seed}")
+        check_data_settings(self.dataset, image_size=self.image_size, skip_bad_images=self.skip_bad_images,
+                            workers=self.workers, download=self.download, data_budget_mb=self.data_budget_mb)
+        network = self.network if self.network is not None else ("imagenet" if self.dataset == "imagenet" else "cifar")
+        if network not in NETWORK_KINDS:
+            raise FastDartsError(f"network must be one of {', '.join(NETWORK_KINDS)}, got {network!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FastDartsError(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 < self.lr_gamma <= 1:
+            raise FastDartsError(f"lr-gamma must be in (0, 1], got {self.lr_gamma!r}")
+        w = self.warmup_epochs
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= self.epochs:
+            raise FastDartsError(f"warmup-epochs must be an integer in 0..epochs ({self.epochs}), got {w!r}")
+        b = self.lr_reference_batch
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b <= 0):
+            raise FastDartsError(f"lr-reference-batch must be a positive integer, got {b!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise FastDartsError(f"label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
         genotype = self.genotype if isinstance(self.genotype, Genotype) else get_genotype(self.genotype)
-        return dataclasses.replace(self, genotype=genotype)
+        return dataclasses.replace(self, genotype=genotype, network=network)
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (0-based): the schedule from the (scaled) lr, ramped up in the warm-up."""
+        lr = self.lr * (self.batch_size / self.lr_reference_batch if self.lr_reference_batch else 1.0)
+        if self.lr_schedule == "exponential":  # StepLR(1, gamma) stepped before each epoch, as DARTS' ImageNet
+            scheduled = lr * self.lr_gamma ** epoch
+        else:
+            scheduled = cosine_lr(epoch, self.epochs, lr, self.lr_min)
+        if epoch < self.warmup_epochs:  # as Xu et al.'s (2020) ImageNet training: lr * (epoch + 1) / warm-up epochs
+            return lr * (epoch + 1) / self.warmup_epochs
+        return scheduled
 
     def result_defining(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (of a ``checked()`` config)."""
@@ -137,7 +188,7 @@ class TrainResult:
     test_acc: float                 # after the last epoch: the figure to report
     best_test_acc: float            # the best epoch's, chosen on the test set: optimistic
     parameters: int                 # without the auxiliary head, as the paper counts
-    model: NetworkCIFAR = field(repr=False)
+    model: GenotypeNetwork = field(repr=False)
 
 
 def default_cutout(image_size: int) -> int:
@@ -146,23 +197,26 @@ def default_cutout(image_size: int) -> int:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               auxiliary_weight: float, grad_clip: float, bf16: bool, loss_scale: float = 1.0):
+               auxiliary_weight: float, grad_clip: float, bf16: bool, loss_scale: float = 1.0,
+               label_smoothing: float = 0.0):
     """One SGD step on a batch; returns the main head's logits and loss and
     the auxiliary loss (None without the head), detached.
 
     ``model`` may be the network in DistributedDataParallel, which averages
     the ranks' gradients during backward; ``loss_scale`` weights this rank's
     part of a batch so that the average is the whole batch's mean gradient
-    when the parts differ in size (a short last batch)."""
+    when the parts differ in size (a short last batch). ``label_smoothing``:
+    targets (1 - eps) one-hot + eps / classes, both heads, as DARTS' ImageNet
+    ``CrossEntropyLabelSmooth``."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(x.device, bf16):
         logits, logits_aux = model(x)
     # Losses in float32 whatever the forward ran in.
-    loss = F.cross_entropy(logits.float(), y)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     total = loss
     aux_loss = None
     if logits_aux is not None:
-        aux_loss = F.cross_entropy(logits_aux.float(), y)
+        aux_loss = F.cross_entropy(logits_aux.float(), y, label_smoothing=label_smoothing)
         total = loss + auxiliary_weight * aux_loss
     if loss_scale != 1.0:
         total = total * loss_scale
@@ -200,32 +254,42 @@ class _Trainer:
             raise FastDartsError(f"--resume given but there is no checkpoint at {self.checkpoint_path}")
 
         seed_everything(config.seed)
-        # A download goes into one folder: rank 0 fetches it while the others wait.
+        # A download goes into one folder: rank 0 fetches it while the others wait; a folder's cache
+        # too, the others waiting on the file system (decoding may outlast a collective's timeout).
         with main_rank_first(dist) if config.download else contextlib.nullcontext():
-            dataset = load_dataset(config.dataset, config.data, download=config.download)
+            dataset = load_dataset(config.dataset, config.data, download=config.download,
+                                   image_size=config.image_size, skip_bad_images=config.skip_bad_images,
+                                   workers=config.workers, progress=config.progress and dist.is_main, log=self.log,
+                                   build_cache=dist.is_main)
         reductions = sum(reduction_layout(config.layers))
-        if dataset.image_size < 2 ** reductions:
+        size = stem_output_size(config.network, dataset.image_size)  # what the cells see
+        if size < 2 ** reductions:
             raise FastDartsError(
                 f"{config.layers} layers have {reductions} reduction cells, but {dataset.image_size}x"
-                f"{dataset.image_size} {config.dataset} images allow at most {dataset.image_size.bit_length() - 1}")
-        if config.cutout is None:
-            config = dataclasses.replace(config, cutout=default_cutout(dataset.image_size))
+                f"{dataset.image_size} {config.dataset} images ({size}x{size} after the {config.network} "
+                f"network's stem) allow at most {size.bit_length() - 1}")
+        if config.cutout is None:  # the streamed JPEG route has no cutout (DARTS' ImageNet training has none)
+            config = dataclasses.replace(config, cutout=0 if isinstance(dataset, FileDataset)
+                                         else default_cutout(dataset.image_size))
         # Before anything real is built: a network that cannot fit is one line saying what fits.
         check_train_size(config, dataset, self.device, world_size=dist.world_size)
         self.config = config
         self.dataset_name = dataset.name
-        loader = dict(device=self.device, mean=dataset.mean, std=dataset.std,
-                      shard=(dist.rank, dist.world_size) if dist.distributed else None)
-        self.train_loader = DeviceLoader(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
-                                         crop_padding=dataset.crop_padding, flip=dataset.flip, cutout=config.cutout,
-                                         drop_last=self.drops_last_batch(len(dataset.train), config.batch_size,
-                                                                         dist.world_size),
-                                         **loader)
-        self.test_loader = DeviceLoader(dataset.test, config.batch_size, shuffle=False, **loader)
+        loaders = Loaders(dataset, (dataset.train, dataset.test), self.device,
+                          shard=(dist.rank, dist.world_size) if dist.distributed else None,
+                          budget_mb=config.data_budget_mb, workers=config.workers)
+        train_set, test_set = loaders.placed
+        self.train_loader = loaders(train_set, config.batch_size, train=True, shuffle=True, seed=config.seed,
+                                    cutout=config.cutout,
+                                    drop_last=self.drops_last_batch(len(train_set), config.batch_size,
+                                                                    dist.world_size))
+        self.test_loader = loaders(test_set, config.batch_size, train=False, shuffle=False)
+        self.data_route = loaders.describe()
 
-        self.model = NetworkCIFAR(config.genotype, C=config.channels, num_classes=dataset.num_classes,
-                                  layers=config.layers, auxiliary=config.auxiliary, in_channels=dataset.in_channels,
-                                  image_size=dataset.image_size).to(self.device)
+        self.model = build_network(config.network, config.genotype, C=config.channels,
+                                   num_classes=dataset.num_classes, layers=config.layers,
+                                   auxiliary=config.auxiliary, in_channels=dataset.in_channels,
+                                   image_size=dataset.image_size).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = DeviceLrSGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -233,9 +297,11 @@ class _Trainer:
         hold_lr_on_device(self.optimizer, config.cuda_graph)
         self.parameters = count_parameters(self.model)
         self.history: list[dict] = []
-        self.log(f"network: {config.layers} cells, C={config.channels}, {self.parameters / 1e6:.2f} M parameters"
-                 f" ({count_parameters(self.model, True) / 1e6:.2f} M with the auxiliary head); "
-                 f"{len(dataset.train)} training / {len(dataset.test)} test images of {dataset.name}; "
+        size = (describe_size(self.model, (dataset.in_channels, dataset.image_size, dataset.image_size))
+                if dist.is_main else "")
+        self.log(f"network: {config.network}, {config.layers} cells, C={config.channels}, {size}; "
+                 f"{len(train_set)} training / {len(test_set)} test images of {dataset.name} "
+                 f"({self.data_route}); "
                  f"device {self.device}, bf16 {'on' if config.bf16 else 'off'}, "
                  f"channels-last {'on' if config.channels_last else 'off'}"
                  + (f"; {dist.world_size} ranks, {per_rank} images each per batch of {config.batch_size}"
@@ -284,6 +350,8 @@ class _Trainer:
         state = read_checked(path, (TRAIN_FORMAT,), "training checkpoint", self.device)
         ours, theirs = self._result_defining(), dict(state["config"])
         theirs.setdefault("world_size", 1)  # written before runs could span processes
+        for key, value in TrainConfig.LEGACY.items():
+            theirs.setdefault(key, value)
         if isinstance(theirs["world_size"], bool) or not isinstance(theirs["world_size"], int):
             raise damaged(path, f"its world size {theirs['world_size']!r} is not a number of processes")
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items()
@@ -328,7 +396,8 @@ class _Trainer:
 
         def step(x, y, scale=1.0):
             return train_step(self.net, self.optimizer, x, y, auxiliary_weight=cfg.auxiliary_weight,
-                              grad_clip=cfg.grad_clip, bf16=cfg.bf16, loss_scale=scale)
+                              grad_clip=cfg.grad_clip, bf16=cfg.bf16, loss_scale=scale,
+                              label_smoothing=cfg.label_smoothing)
 
         # One graph per epoch: it bakes in the epoch's drop-path probability.
         graphed = GraphedStep(step, generators=[generator]) if cfg.cuda_graph else None
@@ -365,7 +434,7 @@ class _Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         for epoch in range(len(self.history), cfg.epochs):
             start = time.perf_counter()
-            lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.lr_min)
+            lr = cfg.epoch_lr(epoch)
             set_lr(self.optimizer, lr)
             train_metrics = self._train_epoch(epoch)
             # The probability the epoch's forward passes used, as _train_epoch set it.

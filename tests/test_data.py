@@ -689,9 +689,9 @@ def test_load_dataset_by_name(tmp_path):
     write_folder(tmp_path)
     assert load_dataset("cifar10", root=tmp_path).train.images.shape == (len(TRAIN_FILES) * PER_FILE, 3, 32, 32)
     with pytest.raises(FastDartsError) as excinfo:
-        load_dataset("imagenet")
+        load_dataset("mnist")
     message = error_message(excinfo)
-    assert "imagenet" in message and all(name in message for name in DATASETS)
+    assert "mnist" in message and all(name in message for name in DATASETS)
 
 
 # --- augmentation -----------------------------------------------------------

@@ -205,5 +205,5 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(FastDartsError, match="cannot read weights file"):
         load_trained(tmp_path / "garbage.pt", genotype=DARTS_V2)
     torch.save({"stem.0.weight": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(FastDartsError, match="not the state_dict of a DARTS NetworkCIFAR: it has no classifier"):
+    with pytest.raises(FastDartsError, match="not the state_dict of a DARTS NetworkCIFAR or NetworkImageNet: it has no classifier"):
         load_trained(tmp_path / "other.pt", genotype=DARTS_V2)

@@ -72,7 +72,7 @@ def test_checked_is_idempotent():
 
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(FastDartsError,
-                       match="unknown method 'enas'; known methods: darts, pc-darts, proxyless, p-darts, darts-"):
+                       match="unknown method 'enas'; known methods: darts, pc-darts, pc-darts-imagenet, proxyless, p-darts, darts-"):
         SearchConfig(method="enas").checked()
 
 

@@ -155,3 +155,115 @@ def test_the_cell_output_gives_each_node_a_gradient_of_its_own():
     (g,) = torch.autograd.grad((concat_nodes([x * x, states[1]]) * grad[:, :6]).sum(), x, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), x)
     torch.testing.assert_close(gg, 2 * grad[:, :2])
+
+
+# ---------------------------------------------------------------- the ImageNet stem (PC-DARTS' search stem)
+
+def test_the_imagenet_stem_takes_224_to_28_before_the_first_cell():
+    """PC-DARTS' model_search_imagenet.py: stem0 (3x3 stride-2 convs to 3C/2 and 3C), stem1 (a third), the
+    first cell halving stem0's output."""
+    from fastdarts.ops import FactorizedReduce
+
+    net = SearchNetwork(C=16, num_classes=1000, layers=8, stem="imagenet")
+    assert net.stem_kind == "imagenet" and not hasattr(net, "stem")
+    shapes = {k: tuple(v.shape) for k, v in net.named_parameters() if k.startswith("stem")}
+    assert shapes == {"stem0.0.weight": (24, 3, 3, 3), "stem0.1.weight": (24,), "stem0.1.bias": (24,),
+                      "stem0.3.weight": (48, 24, 3, 3), "stem0.4.weight": (48,), "stem0.4.bias": (48,),
+                      "stem1.1.weight": (48, 48, 3, 3), "stem1.2.weight": (48,), "stem1.2.bias": (48,)}
+    weights = [n for n, _ in net.named_parameters() if not n.startswith("alpha")]
+    assert weights[:4] == ["stem0.0.weight", "stem0.1.weight", "stem0.1.bias", "stem0.3.weight"]  # PC-DARTS' order
+    assert isinstance(net.cells[0].preprocess0, FactorizedReduce)
+    with torch.no_grad():
+        s0, s1 = net.stem_states(torch.randn(1, 3, 224, 224))
+    assert s0.shape == (1, 48, 56, 56) and s1.shape == (1, 48, 28, 28)
+    seen = []
+    net = tiny_net(stem="imagenet")
+    net.cells[0].register_forward_hook(lambda m, inp, out: seen.append((tuple(inp[1].shape), tuple(out.shape))))
+    assert net(torch.randn(2, 3, 224, 224)).shape == (2, 5)
+    assert seen == [((2, 4, 28, 28), (2, 8, 28, 28))]
+
+
+def test_the_default_stem_is_unchanged():
+    net = tiny_net()
+    assert net.stem_kind == "cifar" and not hasattr(net, "stem0")
+    assert [k for k in net.state_dict() if k.startswith("stem")] == [
+        "stem.0.weight", "stem.1.weight", "stem.1.bias", "stem.1.running_mean", "stem.1.running_var",
+        "stem.1.num_batches_tracked"]
+    s0, s1 = net.stem_states(torch.randn(2, 3, 8, 8))
+    assert s0 is s1 and s0.shape == (2, 4, 8, 8)
+
+
+def _loss_grads_stats(net, x, y):
+    loss = net.loss(x, y)
+    params = [x] + list(net.parameters())
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads, [b.clone() for b in net.buffers()]
+
+
+@pytest.mark.parametrize("recompute, backend", [("cell", "reference"), ("cell", "fused"), ("edge", "fused")])
+def test_the_imagenet_stem_gives_the_reference_under_recompute_and_backends(recompute, backend):
+    """float64: recompute="cell" and the fused backend with the ImageNet stem, the same loss, gradients
+    and BatchNorm statistics as the reference backend without recompute."""
+    torch.manual_seed(6)
+    ref = tiny_net(stem="imagenet").double()
+    net = tiny_net(stem="imagenet", recompute=recompute, backend=backend).double()
+    net.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (4,))
+    (loss_r, grads_r, stats_r), (loss_n, grads_n, stats_n) = _loss_grads_stats(ref, x, y), _loss_grads_stats(net, x, y)
+    tol = dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss_n, loss_r, **tol)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    assert any(n.startswith("stem1.") for n in names)
+    for name, gr, gn in zip(names, grads_r, grads_n):
+        assert gr.abs().max() > 0 or name.startswith("alpha"), name  # a gradient that means something
+        torch.testing.assert_close(gn, gr, **tol, msg=name)
+    for a, b in zip(stats_r, stats_n):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_bad_stems_are_one_line_errors():
+    with pytest.raises(FastDartsError, match=r"^unknown stem 'mobile'; known: cifar, imagenet$"):
+        tiny_net(stem="mobile")
+    with pytest.raises(FastDartsError, match=r"the imagenet stem needs an even number of channels .* got 5$"):
+        tiny_net(C=5, stem="imagenet")
+
+
+def test_build_supernet_takes_the_stem_from_the_config_or_the_keyword():
+    import types
+
+    from fastdarts import SearchConfig
+    from fastdarts.supernet import build_supernet
+
+    config = SearchConfig(layout="N,R,N", layers=None, channels=4, steps=2, multiplier=2).checked()
+    data = types.SimpleNamespace(num_classes=5, in_channels=3, image_size=32)
+    assert build_supernet(config, data, "cpu").stem_kind == "cifar"
+    assert build_supernet(config, data, "cpu", stem="imagenet").stem_kind == "imagenet"
+
+    class WithStem:  # a config that has a stem field
+        def __init__(self, config, stem):
+            self._config, self.stem = config, stem
+
+        def __getattr__(self, name):
+            return getattr(self._config, name)
+
+    assert build_supernet(WithStem(config, "imagenet"), data, "cpu").stem_kind == "imagenet"
+    assert build_supernet(WithStem(config, "imagenet"), data, "cpu", stem="cifar").stem_kind == "cifar"
+
+
+def test_under_cell_recompute_the_imagenet_stem_keeps_only_its_inputs():
+    """stem0 keeps the images only, stem1 its input (the first cell's s0, kept anyway)."""
+    def kept(net):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net.loss(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
+        return shapes
+
+    inner = (4, 2, 16, 16)  # stem0's first conv output (3C/2 = 2 channels at 16x16), kept for its BatchNorm
+    assert inner in kept(tiny_net(stem="imagenet"))
+    assert inner not in kept(tiny_net(stem="imagenet", recompute="cell"))

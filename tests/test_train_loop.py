@@ -161,7 +161,7 @@ def test_options_default_off_on_the_cpu(tmp_path):
     lines = []
     train(epochs=1, max_steps=1, out=str(tmp_path), log=lines.append, **TINY)
     assert "bf16 off, channels-last off" in lines[0]
-    assert "0.04 M parameters" in lines[0]
+    assert "0.0366 M parameters" in lines[0] and "multiply-adds at 1x8x8" in lines[0]
 
 
 def test_cutout_default_scales_with_the_image():

@@ -21,6 +21,16 @@ from . import partial_channels, edge_norm, path_sampling, progressive, aux_skip,
 # batch 256, SGD lr 0.1 cosine to 0, Adam lr 6e-4 on α and β, first order, 15 warm-up epochs.
 register_preset("pc-darts", dict(_DARTS, batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, order="first",
                                  partial_channels=4, edge_norm=True, arch_warmup_epochs=15))
+# PC-DARTS' search on ImageNet (yuhuixu1993/PC-DARTS, train_search_imagenet.py:24-45, 95-104, 123-129,
+# 196-208; model_search_imagenet.py:34, 113-130): K=2, edge normalisation, the ImageNet stem (three
+# stride-2 convolutions), 8 cells of C=16, batch 1024, SGD lr 0.5 cosine to 0, Adam lr 6e-3 (weight decay
+# 1e-3, betas (0.5, 0.999)) on α with its gradient's norm clipped to 5, first order, no α step in the first
+# 35 of 50 epochs; the weights on 10 % of each class, α on 2.5 % (the paper's subsets; the code reads them
+# from prepared folders). Not reproduced: its 5-epoch linear warm-up of the weights' lr at batch > 256.
+register_preset("pc-darts-imagenet", dict(_DARTS, batch_size=1024, lr=0.5, lr_min=0.0, arch_lr=6e-3,
+                                          order="first", partial_channels=2, edge_norm=True,
+                                          arch_warmup_epochs=35, arch_grad_clip=5.0, subset=0.1,
+                                          stem="imagenet"))
 # Cai et al., ICLR 2019 (mit-han-lab/proxylessnas, search/): two paths per edge, first order, Adam lr 1e-3
 # with betas (0, 0.999) and no weight decay on α (imagenet_arch_search.py:80-84); DARTS' weight settings
 # (their own are ImageNet's). Its schedule (nas_manager.py:71-76, 328-393): weights alone for
