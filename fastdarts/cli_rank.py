@@ -80,6 +80,8 @@ class RankConfig:
     batch_size: int = 96
     max_steps: int | None = None    # cap on validation, train and test steps, for smoke tests
     data: str = "./data"
+    workers: int | None = None      # processes decoding images (ImageNet; a folder's first read)
+    data_budget_mb: float | None = None  # uint8 images held on the device up to this (serving.py)
     backend: str | None = None      # None: the search's
     device: str = "auto"
     out: str | None = None          # None: RUN_DIR/rank
@@ -87,7 +89,8 @@ class RankConfig:
     progress: bool = True
 
     # Fields that do not change what a run computes.
-    RUNTIME_ONLY = ("run_dir", "data", "backend", "device", "out", "resume", "progress")
+    RUNTIME_ONLY = ("run_dir", "data", "workers", "data_budget_mb", "backend", "device", "out", "resume",
+                    "progress")
 
     @property
     def out_dir(self) -> Path:
@@ -110,7 +113,8 @@ class RankConfig:
         """The stand-alone training run of one architecture (on the search's data: ``dataset``,
         ``image_size``, ``skip_bad_images``)."""
         return TrainConfig(genotype=genotype, dataset=dataset, image_size=image_size,
-                           skip_bad_images=skip_bad_images, data=self.data, layers=self.layers,
+                           skip_bad_images=skip_bad_images, data=self.data, workers=self.workers,
+                           data_budget_mb=self.data_budget_mb, layers=self.layers,
                            channels=self.channels, epochs=self.train_epochs, batch_size=self.batch_size,
                            max_steps=self.max_steps, seed=self.seed, device=self.device, out=str(out),
                            resume=resume, progress=self.progress)
@@ -282,13 +286,14 @@ def supernet_score(model: nn.Module, genotype: Genotype, calib_loader: DeviceLoa
     return dict(supernet_acc=acc, supernet_loss=loss)
 
 
-def scoring_loaders(search_config, dataset, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
+def scoring_loaders(search_config, dataset, device: torch.device, *, workers: int | None = None,
+                    budget_mb: float | None = None) -> tuple[DeviceLoader, DeviceLoader]:
     """The calibration loader (the search's weight half, augmented as the
     search trained on it) and the validation loader (its architecture half,
     not augmented), both at the search's batch size."""
     loaders = Loaders(dataset, dataset.search_split(search_config.train_portion, search_config.subset,
                                                     search_config.seed),
-                      device, workers=search_config.workers)
+                      device, workers=workers, budget_mb=budget_mb)
     train_set, val_set = loaders.placed
     calib = loaders(train_set, search_config.batch_size, train=True, shuffle=True, seed=search_config.seed,
                     colour_jitter=False)  # augmented as the search trained on it
@@ -471,7 +476,8 @@ def rank(config: RankConfig | None = None, *, log: Callable[[str], None] = print
     genotypes = [derived] + sample_genotypes(model.edge_ops, model.steps, model.multiplier, config.num_archs,
                                              config.seed, exclude=[derived])
     _check_same_architectures(finished, genotypes, path)
-    loaders = scoring_loaders(search_config, dataset, device)
+    loaders = scoring_loaders(search_config, dataset, device, workers=config.workers,
+                              budget_mb=config.data_budget_mb)
     search = dict(run_dir=str(config.run_dir), config=search_config.result_defining(), derived=derived.to_dict())
     architectures = list(finished)
 
@@ -535,7 +541,12 @@ def rank_parser() -> argparse.ArgumentParser:
     train_group.add_argument("--train-epochs", type=_positive_int, default=d.train_epochs)
     train_group.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     run = p.add_argument_group("run")
-    run.add_argument("--data", default=d.data, help="directory holding CIFAR-10 (for a CIFAR-10 search)")
+    run.add_argument("--data", default=d.data, help="the search's data: CIFAR's folder, or the folder holding "
+                                                    "train/ and val/")
+    run.add_argument("--workers", type=_non_negative_int, default=None,
+                     help="processes decoding images (imagenet; a folder's first read); 0: in this process")
+    run.add_argument("--data-budget-mb", type=float, default=None, metavar="MB",
+                     help="hold uint8 images on the device up to this size, stream beyond (0: always stream)")
     run.add_argument("--backend", choices=list(MIXED_OP_BACKENDS), default=None,
                      help="mixed-op backend of the supernet (default: the search's; every one computes the same)")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")

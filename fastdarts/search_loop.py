@@ -192,8 +192,9 @@ class SearchRun:
             if size < 2 ** reductions:
                 raise FastDartsError(
                     f"layout {layout} has {reductions} reduction cells, but {dataset.image_size}x"
-                    f"{dataset.image_size} {config.dataset} images ({size}x{size} after the {config.stem} stem) "
-                    f"allow at most {size.bit_length() - 1}")
+                    f"{dataset.image_size} {config.dataset} images"
+                    + (f" ({size}x{size} after the {config.stem} stem)" if size != dataset.image_size else "")
+                    + f" allow at most {size.bit_length() - 1}")
         # Before anything real is built: a supernet that cannot fit is one line saying what fits.
         check_search_size(config, dataset, self.device, world_size=dist.world_size)
         # Placed once: the loaders of the architecture half then share one copy on the device.
@@ -208,9 +209,10 @@ class SearchRun:
         self.train_loader = loaders(train_set, config.batch_size, seed=config.seed, **common)
         self.arch_loader = loaders(val_set, config.batch_size, seed=config.seed + 1, **common)
         self.eval_loader = loaders(val_set, config.batch_size, train=False, shuffle=False)
-        self.log(f"data: {len(train_set)} images train w, {len(val_set)} train α, of {dataset.name} "
-                 f"({dataset.num_classes} classes, {dataset.in_channels}x{dataset.image_size}x{dataset.image_size}); "
-                 f"{loaders.describe()}")
+        # Logged after the configuration and the backend, which come first.
+        data_line = (f"data: {len(train_set)} images train w, {len(val_set)} train α, of {dataset.name} "
+                     f"({dataset.num_classes} classes, {dataset.in_channels}x{dataset.image_size}x"
+                     f"{dataset.image_size}); {loaders.describe()}")
 
         # Stage 1 right after seeding, as an unstaged run builds its one supernet.
         self._build_stage(0, full_edge_ops(config.ops.split(","), num_edges(config.steps)), reseed=False)
@@ -223,6 +225,7 @@ class SearchRun:
             m.start_run(self)
         self.log(f"mixed-op backend: {config.backend}, recompute: {config.recompute}" + (
             f", kernels: {self.kernels} (usable here: {', '.join(available_backends())})" if self.kernels else ""))
+        self.log(data_line)
         self.history: list[dict] = []
         if config.resume:
             self._load_checkpoint()

@@ -266,8 +266,9 @@ class _Trainer:
         if size < 2 ** reductions:
             raise FastDartsError(
                 f"{config.layers} layers have {reductions} reduction cells, but {dataset.image_size}x"
-                f"{dataset.image_size} {config.dataset} images ({size}x{size} after the {config.network} "
-                f"network's stem) allow at most {size.bit_length() - 1}")
+                f"{dataset.image_size} {config.dataset} images"
+                + (f" ({size}x{size} after the {config.network} network's stem)" if size != dataset.image_size else "")
+                + f" allow at most {size.bit_length() - 1}")
         if config.cutout is None:  # the streamed JPEG route has no cutout (DARTS' ImageNet training has none)
             config = dataclasses.replace(config, cutout=0 if isinstance(dataset, FileDataset)
                                          else default_cutout(dataset.image_size))

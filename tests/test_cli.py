@@ -87,6 +87,8 @@ def test_non_positive_sizes(capsys, flag, value):
     (["--momentum", "-0.9"], "momentum must not be negative"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--layout", "R,R,R,R,R"], "layout R,R,R,R,R has 5 reduction cells, but 8x8 digits images allow at most 3"),
+    (["--layout", "N,R,N", "--stem", "imagenet"],
+     "layout N,R,N has 1 reduction cells, but 8x8 digits images (1x1 after the imagenet stem) allow at most 0"),
     (["--multiplier", "3"], "multiplier (3) cannot exceed steps (2)"),
 ])
 def test_bad_values(tmp_path, capsys, argv, needle):

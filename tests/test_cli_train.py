@@ -45,7 +45,7 @@ def test_train_prints_progress_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert train_main(TINY + ["--epochs", "1", "--max-steps", "1", "--out", out]) == 0
     printed = capsys.readouterr().out
-    assert "0.04 M parameters" in printed and "epoch 1/1" in printed and "final test accuracy" in printed
+    assert "0.0366 M parameters" in printed and "epoch 1/1" in printed and "final test accuracy" in printed
     assert train_main(TINY + ["--epochs", "1", "--max-steps", "1", "--out", out, "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
 

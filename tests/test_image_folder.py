@@ -718,3 +718,13 @@ def test_no_workers_decodes_in_this_process(tmp_path):
     root = make_folder(tmp_path / "data")
     assert_same(arrays(load(root, workers=0, cache_dir=tmp_path / "zero")[0]),
                 arrays(load(root, workers=2, cache_dir=tmp_path / "two")[0]))
+
+
+def test_a_16_bit_png_opened_as_mode_i_is_scaled_not_clipped(tmp_path):
+    """Pillow releases before I;16 opened 16-bit grayscale PNGs as mode I: scaled by 1/257 all the same."""
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 257, 30000, 65535]], dtype=np.uint16)).save(path)
+    with Image.open(path) as im:
+        older = im.convert("I")
+    older.format = "PNG"  # what an older Pillow's PngImagePlugin gives
+    assert np.asarray(image_cache._gray8(older)).tolist() == [[0, 1, round(30000 / 257), 255]]

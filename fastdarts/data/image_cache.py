@@ -108,8 +108,9 @@ def center_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
 
 
 def _gray8(im: Image.Image) -> Image.Image:
-    """A grayscale-mode image as 8-bit ``L``; 16-bit is scaled, not clipped."""
-    if im.mode.startswith("I;16"):
+    """A grayscale-mode image as 8-bit ``L``; 16-bit is scaled, not clipped (a 16-bit PNG opens as ``I;16``,
+    or as ``I`` in older Pillow releases)."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
         v = np.asarray(im).astype(np.uint32)
         return Image.fromarray(((2 * v + 257) // 514).astype(np.uint8))  # round(v / 257), exactly
     return im.convert("L")  # LA drops alpha; 1 becomes 0/255; I and F are clipped to 0..255
