@@ -189,3 +189,14 @@ def stem_output_size(stem: str, size: int) -> int:
     for _ in range(3 if stem == "imagenet" else 0):
         size = (size - 1) // 2 + 1
     return size
+
+
+def too_many_reductions(reductions: int, image_size: int, stem: str, images: str, stem_name: str) -> str | None:
+    """None when ``reductions`` stride-2 cells fit the maps ``stem`` makes of ``image_size`` images; else
+    the end of the error saying how many fit ("8x8 digits images (1x1 after the imagenet stem) allow at
+    most 0"; ``images`` names the data, ``stem_name`` the stem, mentioned only when it shrinks the images)."""
+    size = stem_output_size(stem, image_size)  # what the cells see
+    if size >= 2 ** reductions:
+        return None
+    after = f" ({size}x{size} after the {stem_name})" if size != image_size else ""
+    return f"{image_size}x{image_size} {images} images{after} allow at most {size.bit_length() - 1}"

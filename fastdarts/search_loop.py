@@ -47,7 +47,7 @@ from .genotype import Genotype, num_edges
 from .kernels.backend import available_backends, kernel_backend
 from .method import method_options
 from .mixed_op import DEFAULT_BACKEND
-from .ops import stem_output_size
+from .ops import too_many_reductions
 from .rank_stats import rank_measures, skip_connects
 from .run_utils import (EpochProgress, check_finite_epoch, cosine_lr, resolve_device, seed_everything, set_lr,
                         steps_per_epoch)
@@ -186,15 +186,12 @@ class SearchRun:
                 config.dataset, config.data, download=config.download, image_size=config.image_size,
                 skip_bad_images=config.skip_bad_images, workers=config.workers,
                 progress=config.progress and dist.is_main, log=self.log, build_cache=dist.is_main)
-        size = stem_output_size(config.stem, dataset.image_size)  # what the cells see
         for layout, _ in self.stages:
             reductions = layout.count("R")
-            if size < 2 ** reductions:
-                raise FastDartsError(
-                    f"layout {layout} has {reductions} reduction cells, but {dataset.image_size}x"
-                    f"{dataset.image_size} {config.dataset} images"
-                    + (f" ({size}x{size} after the {config.stem} stem)" if size != dataset.image_size else "")
-                    + f" allow at most {size.bit_length() - 1}")
+            problem = too_many_reductions(reductions, dataset.image_size, config.stem, config.dataset,
+                                          f"{config.stem} stem")
+            if problem:
+                raise FastDartsError(f"layout {layout} has {reductions} reduction cells, but {problem}")
         # Before anything real is built: a supernet that cannot fit is one line saying what fits.
         check_search_size(config, dataset, self.device, world_size=dist.world_size)
         # Placed once: the loaders of the architecture half then share one copy on the device.

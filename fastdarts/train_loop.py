@@ -47,7 +47,7 @@ from .model_size import describe_size
 from .evaluate import autocast, evaluate
 from .files import check_writable, save_torch, write_jsonl
 from .genotype import Genotype, get_genotype
-from .ops import stem_output_size
+from .ops import too_many_reductions
 from .layout import reduction_layout
 from .run_utils import (EpochProgress, check_finite_epoch, check_finite_settings, cosine_lr, resolve_fast_options,
                         seed_everything, set_lr, steps_per_epoch)
@@ -262,13 +262,10 @@ class _Trainer:
                                    workers=config.workers, progress=config.progress and dist.is_main, log=self.log,
                                    build_cache=dist.is_main)
         reductions = sum(reduction_layout(config.layers))
-        size = stem_output_size(config.network, dataset.image_size)  # what the cells see
-        if size < 2 ** reductions:
-            raise FastDartsError(
-                f"{config.layers} layers have {reductions} reduction cells, but {dataset.image_size}x"
-                f"{dataset.image_size} {config.dataset} images"
-                + (f" ({size}x{size} after the {config.network} network's stem)" if size != dataset.image_size else "")
-                + f" allow at most {size.bit_length() - 1}")
+        problem = too_many_reductions(reductions, dataset.image_size, config.network, config.dataset,
+                                      f"{config.network} network's stem")
+        if problem:
+            raise FastDartsError(f"{config.layers} layers have {reductions} reduction cells, but {problem}")
         if config.cutout is None:  # the streamed JPEG route has no cutout (DARTS' ImageNet training has none)
             config = dataclasses.replace(config, cutout=0 if isinstance(dataset, FileDataset)
                                          else default_cutout(dataset.image_size))

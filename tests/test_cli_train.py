@@ -127,6 +127,8 @@ def test_eval_missing_or_corrupt_file(tmp_path, capsys):
     (["--cutout", "-1"], "must not be negative"),
     (["--drop-path-prob", "1.5"], "drop-path-prob must be in [0, 1)"),
     (["--seed", "-1"], "seed must be in 0..2**32-1"),
+    (["--network", "imagenet"],
+     "5 layers have 2 reduction cells, but 8x8 digits images (1x1 after the imagenet network's stem) allow at most 0"),
 ])
 def test_bad_values(tmp_path, capsys, argv, needle):
     try:
